@@ -1,0 +1,20 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo)."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from helpers import SeqESAMTrainer, TinyConvNet, make_args, make_data, train
+
+out_dir, mode = sys.argv[1], sys.argv[2]
+batchnorm = mode == "esam"
+overrides = dict(per_device_train_batch_size=8, max_steps=3)
+if mode == "rho0":
+    overrides["esam_rho"] = 0.0
+model = TinyConvNet(batchnorm=batchnorm)
+trainer = train(SeqESAMTrainer, model, make_args(f"{out_dir}/run", **overrides), make_data(64))
+assert dist.is_initialized() and dist.get_world_size() == 2, "expected two processes"
+rank = dist.get_rank()
+torch.save({"world_size": dist.get_world_size(), "state": model.state_dict(),
+            "kept": trainer.state.log_history[0].get("esam/swp_kept_fraction")}, f"{out_dir}/rank{rank}.pt")

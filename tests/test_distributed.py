@@ -1,0 +1,48 @@
+"""Two real processes on CPU (gloo) via torchrun."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SeqESAMTrainer, TinyConvNet, make_args, make_data, train
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_two_processes(out_dir, mode):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(HERE / "ddp_worker.py"), str(out_dir), mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_esam_keeps_ranks_identical(tmp_path):
+    r0, r1 = run_two_processes(tmp_path, "esam")
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["kept"] == r1["kept"]  # same SWP draws on both ranks
+    initial = TinyConvNet().state_dict()
+    for k, v in r0["state"].items():
+        if "running" in k or "num_batches" in k:
+            continue  # BatchNorm statistics are per rank (DDP broadcasts rank 0's buffers each forward)
+        assert torch.equal(v, r1["state"][k]), k
+        assert not torch.equal(v, initial[k]), k
+
+
+def test_rho_zero_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    r0, r1 = run_two_processes(tmp_path, "rho0")
+    single = TinyConvNet(batchnorm=False)
+    train(SeqESAMTrainer, single, make_args(tmp_path / "single", esam_rho=0.0, per_device_train_batch_size=16,
+                                            max_steps=3), make_data(64))
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(r0["state"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+        assert torch.equal(r0["state"][k], r1["state"][k])

@@ -1,0 +1,287 @@
+"""The torch-only core against independent hand-written references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from esam_hf import ESAM
+from esam_hf.esam import check_esam_args
+
+from helpers import TinyConvNet
+
+
+def batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def loss_fn_for(model, seen=None):
+    def loss_fn(b):
+        x, y = b
+        if seen is not None:
+            seen.append(x.detach().clone())
+        return F.cross_entropy(model(x).logits, y, reduction="none")
+    return loss_fn
+
+
+def swp_mask(seed, n, beta):
+    """The documented SWP draw: per tensor, kept with probability beta from a CPU generator seeded with `seed`."""
+    return (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < beta).tolist()
+
+
+def test_restores_weights_bit_exactly_and_leaves_descent_gradient():
+    model = TinyConvNet()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    esam = ESAM(model, rho=0.5, beta=0.6, gamma=0.5, seed=3)
+    esam.step(loss_fn_for(model), batch())
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_restores_weights_when_the_step_raises():
+    model = TinyConvNet()
+    before = [p.detach().clone() for p in model.parameters()]
+    esam = ESAM(model, rho=0.5, beta=1.0, gamma=0.5)
+    calls = []
+
+    def failing(b):
+        calls.append(1)
+        if len(calls) == 3:  # the descent pass, at w + e
+            raise RuntimeError("boom")
+        return loss_fn_for(model)(b)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        esam.step(failing, batch())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_swp_perturbs_kept_tensors_by_rho_over_beta_and_skips_dropped_weight_gradients():
+    model = TinyConvNet()
+    params = list(model.parameters())
+    rho, beta, seed = 0.3, 0.5, 11
+    keep = swp_mask(seed, len(params), beta)
+    assert 0 < sum(keep) < len(params)
+    w0 = [p.detach().clone() for p in params]
+    x, y = batch()
+
+    # Independent reference direction: gradient of the clean loss, kept tensors only.
+    ref_model = TinyConvNet()
+    ref_loss = F.cross_entropy(ref_model(x).logits, y)
+    ref_grads = torch.autograd.grad(ref_loss, list(ref_model.parameters()))
+    kept_grads = [g for g, k in zip(ref_grads, keep) if k]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in kept_grads))
+
+    seen_weights = []
+    fired = {i: 0 for i in range(len(params))}
+    for i, p in enumerate(params):
+        p.register_hook(lambda g, i=i: fired.__setitem__(i, fired[i] + 1))
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        if len(calls) == 2:  # descent pass (gamma = 1): weights are at w + e
+            seen_weights.append([p.detach().clone() for p in params])
+        return loss_fn_for(model)(b)
+
+    ESAM(model, rho=rho, beta=beta, gamma=1.0, seed=seed).step(loss_fn, (x, y))
+    e = [s - w for s, w in zip(seen_weights[0], w0)]
+    for i, k in enumerate(keep):
+        if k:
+            expected = rho / beta * ref_grads[i] / norm
+            torch.testing.assert_close(e[i], expected, atol=1e-6, rtol=1e-4)
+            assert fired[i] == 2  # ascent and descent
+        else:
+            assert torch.equal(e[i], torch.zeros_like(e[i]))
+            assert fired[i] == 1  # descent only: no weight gradient in the ascent pass
+    total = torch.sqrt(sum((t ** 2).sum() for t in e))
+    assert math.isclose(total.item(), rho / beta, rel_tol=1e-5)
+    assert all(p.grad is not None for p in params)  # every parameter gets a descent gradient
+
+
+class ConvBackwardCounter(TorchDispatchMode):
+    """Counts weight-gradient computations of convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_grads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.weight_grads += int(args[-1][1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_swp_skips_conv_weight_gradient_kernels():
+    model = TinyConvNet()
+    params = list(model.parameters())
+    conv_weights = [i for i, p in enumerate(params) if p.dim() == 4]
+    for seed in range(50):  # find a seed whose mask drops exactly one of the two conv weights
+        keep = swp_mask(seed, len(params), 0.5)
+        if sum(keep[i] for i in conv_weights) == 1:
+            break
+    with ConvBackwardCounter() as counter:
+        ESAM(model, rho=0.1, beta=0.5, gamma=1.0, seed=seed).step(loss_fn_for(model), batch())
+    assert counter.weight_grads == 1 + 2  # ascent: the kept conv only; descent: both
+
+
+def test_sds_descends_on_the_k_sharpest_examples():
+    model = TinyConvNet()
+    x, y = batch(n=15)
+    rho, gamma = 0.5, 0.4
+    k = math.ceil(gamma * 15)
+    # Independent reference: SAM perturbation, sharpness, top-k.
+    ref = TinyConvNet()
+    clean = F.cross_entropy(ref(x).logits, y, reduction="none")
+    grads = torch.autograd.grad(clean.mean(), list(ref.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads):
+            p.add_(rho * g / norm)
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.0
+        perturbed = F.cross_entropy(ref(x).logits, y, reduction="none")
+    expected = set((perturbed - clean.detach()).topk(k).indices.tolist())
+
+    seen = []
+    ESAM(model, rho=rho, beta=1.0, gamma=gamma).step(loss_fn_for(model, seen), (x, y))
+    assert [s.shape[0] for s in seen] == [15, 15, k]
+    chosen = {next(i for i in range(15) if torch.equal(x[i], row)) for row in seen[2]}
+    assert chosen == expected
+
+
+def test_sds_keeps_at_least_one_example():
+    model = TinyConvNet()
+    seen = []
+    ESAM(model, rho=0.1, beta=1.0, gamma=0.01).step(loss_fn_for(model, seen), batch(n=8))
+    assert seen[-1].shape[0] == 1
+
+
+def test_step_has_no_host_synchronisation():
+    # On the meta device every value is unknown: .item(), bool(tensor) and boolean-mask
+    # indexing all raise, so a step that finishes here never waits for the device.
+    with torch.device("meta"):
+        model = TinyConvNet()
+        x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    esam = ESAM(model, rho=0.05, beta=0.6, gamma=0.5, adaptive=True)
+    for _ in range(2):
+        esam.step(loss_fn_for(model), (x, y))
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+def test_non_finite_ascent_gradient_skips_the_perturbation():
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full_like(g, float("inf"))
+
+    model, ref = TinyConvNet(), TinyConvNet()
+    for m in (model, ref):
+        m.eval()  # no BatchNorm statistics: the plain-descent reference must see the same normalisation
+    x, y = batch()
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        logits = model(b[0]).logits
+        if len(calls) == 1:
+            logits = InfGrad.apply(logits)
+        return F.cross_entropy(logits, b[1], reduction="none")
+
+    esam = ESAM(model, rho=0.5, beta=1.0, gamma=1.0)
+    esam.step(loss_fn, (x, y))
+    F.cross_entropy(ref(x).logits, y).backward()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad)
+    assert esam.pop_stats()["esam/skipped_perturbations"] == 1
+
+
+def test_bn_stats_clean_updates_running_statistics_only_at_w():
+    x, y = batch()
+    stats = {}
+    for mode in ("clean", "all"):
+        model = TinyConvNet()
+        ESAM(model, rho=0.5, beta=1.0, gamma=0.5, bn_stats=mode).step(loss_fn_for(model), (x, y))
+        stats[mode] = model.body[1]
+    ref = TinyConvNet()
+    ref(x)  # one clean forward pass in train mode
+    torch.testing.assert_close(stats["clean"].running_mean, ref.body[1].running_mean)
+    assert stats["clean"].num_batches_tracked.item() == 1
+    assert stats["all"].num_batches_tracked.item() == 3
+    assert stats["clean"].track_running_stats and stats["all"].track_running_stats
+
+
+def test_rho_zero_is_one_plain_forward_backward():
+    model, ref = TinyConvNet(), TinyConvNet()
+    seen = []
+    x, y = batch()
+    ESAM(model, rho=0.0).step(loss_fn_for(model, seen), (x, y))
+    F.cross_entropy(ref(x).logits, y).backward()
+    assert len(seen) == 1
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_state_dict_round_trip_continues_the_swp_draws():
+    a, b = ESAM(TinyConvNet(), seed=5), ESAM(TinyConvNet(), seed=99)
+    a._draw_kept()
+    b.load_state_dict(a.state_dict())
+    assert [p.shape for p in a._draw_kept()] == [p.shape for p in b._draw_kept()]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rho": -0.1}, "rho must be a finite number >= 0"),
+        ({"rho": float("nan")}, "rho must be a finite number >= 0"),
+        ({"rho": float("inf")}, "rho must be a finite number >= 0"),
+        ({"beta": 0.0}, r"beta must be in \(0, 1\]"),
+        ({"beta": 1.5}, r"beta must be in \(0, 1\]"),
+        ({"gamma": 0.0}, r"gamma must be in \(0, 1\]"),
+        ({"gamma": -1}, r"gamma must be in \(0, 1\]"),
+        ({"bn_stats": "some"}, "bn_stats must be one of"),
+    ],
+)
+def test_invalid_hyper_parameters_are_refused(kwargs, match):
+    args = {"rho": 0.05, "beta": 0.6, "gamma": 0.5, "bn_stats": "clean", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        check_esam_args(**args)
+    with pytest.raises(ValueError, match=match):
+        ESAM(TinyConvNet(), **args)
+
+
+def test_fp16_grad_scaler_scales_the_ascent_and_overflow_is_skipped():
+    x, y = batch()
+    grads = {}
+    for name, init_scale in (("plain", None), ("scaled", 1024.0)):
+        model = TinyConvNet()
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if init_scale else None
+        with torch.autocast("cpu", dtype=torch.float16):
+            ESAM(model, rho=0.05, beta=1.0, gamma=1.0).step(
+                loss_fn_for(model), (x, y), grad_scaler=scaler,
+                backward=(lambda l: scaler.scale(l).backward()) if scaler else None)
+        grads[name] = [p.grad / (init_scale or 1.0) for p in model.parameters()]
+    for a, b in zip(grads["plain"], grads["scaled"]):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2)
+
+    # A scale that overflows fp16 activations' gradients: the ascent gradient is inf.
+    model = TinyConvNet()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
+    esam = ESAM(model, rho=0.05, beta=1.0, gamma=0.5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        esam.step(loss_fn_for(model), (x, y), grad_scaler=scaler, backward=lambda l: scaler.scale(l).backward())
+    scaler.step(optimizer)
+    scaler.update()
+    assert esam.pop_stats()["esam/skipped_perturbations"] == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # restored, step skipped
+    assert scaler.get_scale() < 2.0 ** 100

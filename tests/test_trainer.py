@@ -1,0 +1,235 @@
+"""ESAMTrainer against the plain Trainer and an independent hand-written SAM loop."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from esam_hf import ESAMTrainer, ESAMTrainingArguments
+
+from helpers import (SeqESAMTrainer, SequentialMixin, TinyConvNet, adamw, batches, make_args, make_data,
+                     params_of, sgd, train)
+
+
+class SeqTrainer(SequentialMixin, Trainer):
+    pass
+
+
+def reference_sam(model, data, batch_size, steps, make_optimizer, rho, adaptive, max_grad_norm=0.0, accumulation=1):
+    """Two-pass SAM written out by hand: e = rho g/||g|| (ASAM: rho w^2 g/|| |w| g ||), gradient at
+    w + e, restore, base optimizer step. BatchNorm statistics are frozen at w + e by momentum 0."""
+    optimizer = make_optimizer(model)
+    params = list(model.parameters())
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    it = batches(data, batch_size)
+    for _ in range(steps):
+        for _ in range(accumulation):
+            x, y = next(it)
+            loss = F.cross_entropy(model(x).logits, y)
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                if adaptive:
+                    norm = torch.sqrt(sum(((p.abs() * g) ** 2).sum() for p, g in zip(params, grads)))
+                    e = [rho * p * p * g / (norm + 1e-12) for p, g in zip(params, grads)]
+                else:
+                    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+                    e = [rho * g / (norm + 1e-12) for g in grads]
+                saved = [p.clone() for p in params]
+                for p, d in zip(params, e):
+                    p.add_(d)
+            for m in bns:
+                m.momentum = 0.0
+            (F.cross_entropy(model(x).logits, y) / accumulation).backward()
+            for m in bns:
+                m.momentum = 0.1
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def assert_same_params(a, b, atol=1e-5, rtol=1e-4):
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if "num_batches_tracked" in k:
+            continue
+        torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=rtol, msg=k)
+
+
+@pytest.mark.parametrize("make_optimizer", [sgd, adamw], ids=["sgd", "adamw"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_matches_hand_written_reference(tmp_path, make_optimizer, adaptive):
+    data = make_data(64)
+    rho = 0.5 if adaptive else 0.05
+    args = make_args(tmp_path, esam_rho=rho, esam_beta=1.0, esam_gamma=1.0, esam_adaptive=adaptive, max_grad_norm=1.0)
+    model = TinyConvNet()
+    train(SeqESAMTrainer, model, args, data, make_optimizer)
+    ref = reference_sam(TinyConvNet(), data, 16, 4, make_optimizer, rho, adaptive, max_grad_norm=1.0)
+    assert_same_params(model, ref)
+    assert not torch.equal(model.head.weight, TinyConvNet().head.weight)
+
+
+def test_rho_zero_equals_plain_trainer_with_one_pass_per_step(tmp_path):
+    data = make_data(64)
+    esam_model, plain_model = TinyConvNet(), TinyConvNet()
+    forwards = []
+    esam_model.register_forward_hook(lambda *a: forwards.append(1))
+    train(SeqESAMTrainer, esam_model, make_args(tmp_path, esam_rho=0.0), data)
+    train(SeqTrainer, plain_model, make_args(tmp_path / "plain"), data)
+    assert len(forwards) == 4
+    assert_same_params(esam_model, plain_model, atol=0, rtol=0)
+
+
+def test_gradient_accumulation_rho_zero_matches_a_doubled_batch(tmp_path):
+    data = make_data(64)
+    a, b = TinyConvNet(batchnorm=False), TinyConvNet(batchnorm=False)
+    train(SeqESAMTrainer, a, make_args(tmp_path / "a", esam_rho=0.0, per_device_train_batch_size=8,
+                                       gradient_accumulation_steps=2), data)
+    train(SeqESAMTrainer, b, make_args(tmp_path / "b", esam_rho=0.0, per_device_train_batch_size=16), data)
+    assert_same_params(a, b)
+
+
+def test_gradient_accumulation_with_sam_keeps_ascent_out_of_accumulated_grad(tmp_path):
+    data = make_data(64)
+    model = TinyConvNet()
+    args = make_args(tmp_path, esam_rho=0.05, esam_beta=1.0, esam_gamma=1.0, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=2)
+    train(SeqESAMTrainer, model, args, data)
+    ref = reference_sam(TinyConvNet(), data, 8, 4, sgd, 0.05, False, accumulation=2)
+    assert_same_params(model, ref)
+
+
+def test_esam_trains_and_logs_its_statistics(tmp_path):
+    data = make_data(64)
+    model = TinyConvNet()
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, logging_steps=2), data)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    for h in logs:
+        assert 0 < h["esam/swp_kept_fraction"] <= 1
+        assert h["esam/ascent_grad_norm"] > 0
+        assert h["esam/skipped_perturbations"] == 0
+        assert "esam/sharpness" in h
+
+
+def test_per_example_loss_func_hook_is_used(tmp_path):
+    calls = []
+
+    def focal_like(outputs, labels):
+        calls.append(labels.shape[0])
+        return 2.0 * F.cross_entropy(outputs.logits, labels, reduction="none")
+
+    args = make_args(tmp_path, max_steps=1, esam_gamma=0.5)
+    train(SeqESAMTrainer, TinyConvNet(), args, make_data(16), per_example_loss_func=focal_like)
+    assert calls == [16, 16, 8]
+
+
+def test_model_without_logits_gets_a_clear_error(tmp_path):
+    class NoLogits(TinyConvNet):
+        def forward(self, pixel_values, labels=None):
+            return {"features": self.body(pixel_values)}
+
+    with pytest.raises(ValueError, match="per_example_loss_func"):
+        train(SeqESAMTrainer, NoLogits(), make_args(tmp_path, max_steps=1), make_data(16))
+
+
+def test_bf16_autocast_trains(tmp_path):
+    model = TinyConvNet()
+    before = params_of(model)
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, bf16=True), make_data(64))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    assert model.head.weight.dtype == torch.float32
+    assert not torch.equal(before["head.weight"], model.head.weight)
+
+
+def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path):
+    data = make_data(128)
+    full = TinyConvNet()
+    train(SeqESAMTrainer, full, make_args(tmp_path / "full", max_steps=8), data)
+
+    first = TinyConvNet()
+    args = make_args(tmp_path / "resumed", max_steps=8, save_strategy="steps", save_steps=4)
+    trainer = SeqESAMTrainer(model=first, args=args, train_dataset=data, optimizers=(sgd(first), None))
+    # Stop after the checkpoint at step 4 (as a killed job would), then resume in a fresh trainer.
+    from transformers import TrainerCallback
+
+    class StopAt4(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            control.should_training_stop = True
+
+    trainer.add_callback(StopAt4())
+    trainer.train()
+    ckpt = tmp_path / "resumed" / "checkpoint-4"
+    assert (ckpt / "esam_state.pt").is_file()
+    assert_same_params(first, first)  # sanity: stopped model differs from full run below
+    assert not torch.allclose(first.head.weight, full.head.weight)
+
+    second = TinyConvNet(seed=123)  # weights come from the checkpoint
+    trainer = SeqESAMTrainer(model=second, args=args, train_dataset=data, optimizers=(sgd(second), None))
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert_same_params(second, full, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_trains(tmp_path):
+    model = TinyConvNet()
+    before = params_of(model)
+    args = make_args(tmp_path, max_steps=2, torch_compile=True, torch_compile_backend="aot_eager")
+    trainer = train(SeqESAMTrainer, model, args, make_data(32))
+    assert trainer.state.global_step == 2
+    assert not torch.equal(before["head.weight"], model.head.weight)
+
+
+def test_arguments_parse_save_and_validate(tmp_path):
+    parser = HfArgumentParser(ESAMTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--esam_rho", "0.1", "--esam_beta", "0.5", "--esam_gamma", "0.7",
+        "--esam_adaptive", "--esam_bn_stats", "all", "--use_cpu",
+    ])
+    assert (args.esam_rho, args.esam_beta, args.esam_gamma, args.esam_adaptive, args.esam_bn_stats) == (0.1, 0.5, 0.7, True, "all")
+    saved = json.loads(args.to_json_string())
+    assert saved["esam_rho"] == 0.1 and saved["esam_bn_stats"] == "all"
+    for flag, value, match in [
+        ("--esam_rho", "-1", "esam_rho must be a finite number >= 0"),
+        ("--esam_beta", "0", r"esam_beta must be in \(0, 1\]"),
+        ("--esam_gamma", "1.5", r"esam_gamma must be in \(0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), flag, value])
+    with pytest.raises(SystemExit):  # argparse choices
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--esam_bn_stats", "some"])
+    with pytest.raises(ValueError, match="esam_bn_stats must be one of"):
+        ESAMTrainingArguments(output_dir=str(tmp_path), esam_bn_stats="some")
+
+
+def test_plain_training_arguments_get_paper_defaults(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = ESAMTrainer(model=TinyConvNet(), args=args, train_dataset=make_data(16))
+    esam = trainer._get_esam()
+    assert (esam.rho, esam.beta, esam.gamma, esam.adaptive, esam.bn_stats) == (0.05, 0.6, 0.5, False, "clean")
+
+
+@pytest.mark.parametrize("flag", ["deepspeed", "fsdp", "data_parallel"])
+def test_unsupported_parallelism_is_refused(tmp_path, monkeypatch, flag):
+    args = make_args(tmp_path)
+    if flag == "data_parallel":
+        monkeypatch.setattr(type(args), "n_gpu", property(lambda self: 2))
+    else:
+        monkeypatch.setattr(Trainer, "__init__", _fake_init(flag))
+    with pytest.raises(ValueError, match="DDP"):
+        ESAMTrainer(model=TinyConvNet(), args=args, train_dataset=make_data(16))
+
+
+def _fake_init(flag):
+    real_init = Trainer.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        setattr(self, f"is_{flag}_enabled", True)
+    return init
