@@ -25,9 +25,23 @@ import torch
 from torch import nn
 
 BN_STATS_MODES = ("clean", "all")
+GAMMA_SCHEDULES = ("linear", "cosine")
 
 
-def check_esam_args(rho: float, beta: float, gamma: float, bn_stats: str = "clean", prefix: str = "") -> None:
+def scheduled_gamma(gamma: float, progress: float, warmup: float, schedule: str = "linear") -> float:
+    """SDS fraction at `progress` in [0, 1] of training: 1 (the whole batch) at the start,
+    reaching `gamma` after the `warmup` fraction. Early training is where selecting half
+    the batch hurts most; late training is where most steps are, so most of the saving stays."""
+    if warmup <= 0 or progress >= warmup:
+        return gamma
+    ramp = progress / warmup
+    if schedule == "cosine":
+        ramp = 0.5 * (1 - math.cos(math.pi * ramp))
+    return 1.0 - (1.0 - gamma) * ramp
+
+
+def check_esam_args(rho: float, beta: float, gamma: float, bn_stats: str = "clean", prefix: str = "",
+                    gamma_warmup: float = 0.0, gamma_schedule: str = "linear") -> None:
     """Raise ValueError naming the argument and its allowed range."""
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
         raise ValueError(f"{prefix}rho must be a finite number >= 0 (0 turns sharpness-awareness off), got {rho!r}")
@@ -36,6 +50,10 @@ def check_esam_args(rho: float, beta: float, gamma: float, bn_stats: str = "clea
             raise ValueError(f"{prefix}{name} must be in (0, 1] (1 turns it off), got {value!r}")
     if bn_stats not in BN_STATS_MODES:
         raise ValueError(f"{prefix}bn_stats must be one of {BN_STATS_MODES}, got {bn_stats!r}")
+    if not (isinstance(gamma_warmup, (int, float)) and 0 <= gamma_warmup <= 1):
+        raise ValueError(f"{prefix}gamma_warmup must be in [0, 1] (a fraction of training; 0 = off), got {gamma_warmup!r}")
+    if gamma_schedule not in GAMMA_SCHEDULES:
+        raise ValueError(f"{prefix}gamma_schedule must be one of {GAMMA_SCHEDULES}, got {gamma_schedule!r}")
 
 
 def index_batch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
@@ -86,9 +104,10 @@ class ESAM:
         self._steps = 0
         self._kept_fraction = 0.0
 
-    def k(self, batch_size: int) -> int:
+    def k(self, batch_size: int, gamma: float | None = None) -> int:
         """Examples kept by SDS out of `batch_size`."""
-        return max(1, math.ceil(self.gamma * batch_size))
+        # The tolerance keeps float error from adding an example (0.6 * 5 = 3.0000000000000004).
+        return max(1, math.ceil((self.gamma if gamma is None else gamma) * batch_size - 1e-9))
 
     def step(
         self,
@@ -98,6 +117,7 @@ class ESAM:
         backward: Callable[[torch.Tensor], None] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         grad_scaler: Any = None,
+        gamma: float | None = None,
     ) -> torch.Tensor:
         """Run one ESAM step; leaves the descent gradient accumulated in `.grad`.
 
@@ -114,6 +134,7 @@ class ESAM:
             The detached mean loss at w over the whole batch.
         """
         backward = backward or torch.Tensor.backward
+        gamma = self.gamma if gamma is None else gamma
         kept = self._draw_kept() if self.rho > 0 else []
         if not kept:
             losses = loss_fn(batch)
@@ -130,11 +151,12 @@ class ESAM:
         del grads
         try:
             with self._frozen_bn_stats():
-                if self.gamma < 1:
+                batch_size = losses.shape[0]
+                if self.k(batch_size, gamma) < batch_size:
                     with torch.no_grad():
                         sharpness = loss_fn(batch).detach() - losses
-                    index = sharpness.topk(self.k(losses.shape[0]), sorted=False).indices
-                    descent = loss_fn(index_batch(batch, index, losses.shape[0]))
+                    index = sharpness.topk(self.k(batch_size, gamma), sorted=False).indices
+                    descent = loss_fn(index_batch(batch, index, batch_size))
                 else:
                     descent = loss_fn(batch)
                     sharpness = descent.detach() - losses

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .esam import BN_STATS_MODES, ESAM, check_esam_args
+from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, check_esam_args, scheduled_gamma
 from .losses import per_example_loss
 
 ESAM_STATE_NAME = "esam_state.pt"
@@ -30,9 +30,18 @@ class ESAMTrainingArguments(TrainingArguments):
         metadata={"help": "Update BatchNorm running statistics in the clean pass only ('clean') or in every pass ('all').",
                   "choices": list(BN_STATS_MODES)},
     )
+    esam_gamma_warmup: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training in [0, 1] over which SDS moves from the whole batch to esam_gamma "
+                          "(0 = off, the paper's ESAM). Keeps SDS from slowing early training on short schedules."},
+    )
+    esam_gamma_schedule: str = field(
+        default="linear", metadata={"help": "Shape of the gamma warm-up.", "choices": list(GAMMA_SCHEDULES)}
+    )
 
     def __post_init__(self):
-        check_esam_args(self.esam_rho, self.esam_beta, self.esam_gamma, self.esam_bn_stats, prefix="esam_")
+        check_esam_args(self.esam_rho, self.esam_beta, self.esam_gamma, self.esam_bn_stats, prefix="esam_",
+                        gamma_warmup=self.esam_gamma_warmup, gamma_schedule=self.esam_gamma_schedule)
         super().__post_init__()
 
 
@@ -61,8 +70,9 @@ class ESAMTrainer(Trainer):
                 "`torchrun`); DeepSpeed, FSDP and single-process DataParallel are not supported: ESAM "
                 "perturbs and restores whole parameters between two backward passes."
             )
-        config = esam_config(self.args)
-        check_esam_args(config["esam_rho"], config["esam_beta"], config["esam_gamma"], config["esam_bn_stats"], prefix="esam_")
+        c = esam_config(self.args)
+        check_esam_args(c["esam_rho"], c["esam_beta"], c["esam_gamma"], c["esam_bn_stats"], prefix="esam_",
+                        gamma_warmup=c["esam_gamma_warmup"], gamma_schedule=c["esam_gamma_schedule"])
         self.per_example_loss_func = per_example_loss_func
         self.esam: ESAM | None = None
 
@@ -104,8 +114,16 @@ class ESAMTrainer(Trainer):
             backward=lambda loss: self.accelerator.backward(loss / accumulation_steps),
             no_sync=lambda: self.accelerator.no_sync(model),
             grad_scaler=self.accelerator.scaler,
+            gamma=self.current_gamma(),
         )
         return loss / accumulation_steps
+
+    def current_gamma(self) -> float:
+        """SDS fraction for this step: `esam_gamma`, or on its warm-up schedule. A function of
+        the global step alone, so resumed runs and every DDP rank agree without extra state."""
+        c = esam_config(self.args)
+        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 1.0
+        return scheduled_gamma(c["esam_gamma"], progress, c["esam_gamma_warmup"], c["esam_gamma_schedule"])
 
     def compute_per_example_loss(self, model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """Loss of each example, shape [B]: `per_example_loss_func` if given, else cross-entropy
@@ -130,6 +148,17 @@ class ESAMTrainer(Trainer):
         if self.esam is not None and "loss" in logs:
             logs.update(self.esam.pop_stats())
         super().log(logs, *args, **kwargs)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, recipe=None, **kwargs) -> None:
+        """Write the ESAM model card (`model_cards/image_classification.md`, filled) as README.md
+        in `output_dir`; `push_to_hub` calls this with its keyword arguments."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import write_model_card
+
+        write_model_card(self, model_name=model_name, dataset=dataset or dataset_tags, recipe=recipe, license=license,
+                         tags=[tags] if isinstance(tags, str) else tags)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

@@ -12,9 +12,13 @@ batchnorm = mode == "esam"
 overrides = dict(per_device_train_batch_size=8, max_steps=3)
 if mode == "rho0":
     overrides["esam_rho"] = 0.0
+else:
+    overrides["esam_gamma_warmup"] = 0.5  # k changes from step to step: ranks must agree on it
 model = TinyConvNet(batchnorm=batchnorm)
+sizes = []
+model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
 trainer = train(SeqESAMTrainer, model, make_args(f"{out_dir}/run", **overrides), make_data(64))
 assert dist.is_initialized() and dist.get_world_size() == 2, "expected two processes"
 rank = dist.get_rank()
 torch.save({"world_size": dist.get_world_size(), "state": model.state_dict(),
-            "kept": trainer.state.log_history[0].get("esam/swp_kept_fraction")}, f"{out_dir}/rank{rank}.pt")
+            "kept": trainer.state.log_history[0].get("esam/swp_kept_fraction"), "sizes": sizes}, f"{out_dir}/rank{rank}.pt")

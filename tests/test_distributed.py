@@ -30,6 +30,7 @@ def test_esam_keeps_ranks_identical(tmp_path):
     r0, r1 = run_two_processes(tmp_path, "esam")
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["kept"] == r1["kept"]  # same SWP draws on both ranks
+    assert r0["sizes"] == r1["sizes"] and len(set(r0["sizes"])) > 2  # same scheduled k on both ranks
     initial = TinyConvNet().state_dict()
     for k, v in r0["state"].items():
         if "running" in k or "num_batches" in k:

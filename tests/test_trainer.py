@@ -149,13 +149,14 @@ def test_bf16_autocast_trains(tmp_path):
     assert not torch.equal(before["head.weight"], model.head.weight)
 
 
-def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"esam_gamma_warmup": 0.5}], ids=["paper", "gamma_warmup"])
+def test_checkpoint_resume_reproduces_an_uninterrupted_run(tmp_path, extra):
     data = make_data(128)
     full = TinyConvNet()
-    train(SeqESAMTrainer, full, make_args(tmp_path / "full", max_steps=8), data)
+    train(SeqESAMTrainer, full, make_args(tmp_path / "full", max_steps=8, **extra), data)
 
     first = TinyConvNet()
-    args = make_args(tmp_path / "resumed", max_steps=8, save_strategy="steps", save_steps=4)
+    args = make_args(tmp_path / "resumed", max_steps=8, save_strategy="steps", save_steps=4, **extra)
     trainer = SeqESAMTrainer(model=first, args=args, train_dataset=data, optimizers=(sgd(first), None))
     # Stop after the checkpoint at step 4 (as a killed job would), then resume in a fresh trainer.
     from transformers import TrainerCallback
@@ -233,3 +234,25 @@ def _fake_init(flag):
         real_init(self, *a, **kw)
         setattr(self, f"is_{flag}_enabled", True)
     return init
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # linear: gamma_t = 1 - 0.5 * (t/8) / 0.5, k = ceil(16 gamma_t); the whole batch at t = 0
+    ("linear", [16, 14, 12, 10, 8, 8, 8, 8]),
+    # cosine: gamma_t = 1 - 0.5 * (1 - cos(pi (t/8) / 0.5)) / 2
+    ("cosine", [16, 15, 12, 10, 8, 8, 8, 8]),
+])
+def test_gamma_warmup_schedule_gives_the_documented_k(tmp_path, schedule, expected):
+    sizes = []
+    model = TinyConvNet()
+    model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    args = make_args(tmp_path, max_steps=8, esam_gamma=0.5, esam_gamma_warmup=0.5, esam_gamma_schedule=schedule)
+    train(SeqESAMTrainer, model, args, make_data(128))
+    descent_sizes = []
+    i = 0
+    while i < len(sizes):  # clean pass (16), then a no-grad pass (16) only when k < 16, then the descent pass (k)
+        if sizes[i + 1] == 16 and i + 2 < len(sizes) and sizes[i + 2] < 16:
+            descent_sizes.append(sizes[i + 2]); i += 3
+        else:
+            descent_sizes.append(sizes[i + 1]); i += 2
+    assert descent_sizes == expected

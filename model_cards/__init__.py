@@ -1,0 +1,1 @@
+"""Model card templates, installed as `esam_hf.model_cards`."""
