@@ -51,6 +51,12 @@ def render_model_card(
     )
 
 
+def _describe_optimizer(optimizer) -> str:
+    group = optimizer.param_groups[0]
+    extras = [f"{k} {group[k]}" for k in ("momentum", "betas", "nesterov") if group.get(k)]
+    return type(optimizer).__name__ + (f" ({', '.join(extras)})" if extras else "")
+
+
 def trainer_card_fields(trainer) -> dict[str, Any]:
     """What a card says about a trainer's run: backbone, hyper-parameters, last metrics, throughput."""
     from .trainer import esam_config
@@ -62,8 +68,9 @@ def trainer_card_fields(trainer) -> dict[str, Any]:
     for entry in history:
         metrics.update({k: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))})
     train_summary = next((h for h in reversed(history) if "train_samples_per_second" in h), {})
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # unwrap accelerate's wrapper
     training = {
-        "optimizer": args.optim if trainer.optimizer is None else type(trainer.optimizer).__name__,
+        "optimizer": _describe_optimizer(optimizer) if optimizer is not None else args.optim,
         "learning rate": args.learning_rate,
         "weight decay": args.weight_decay,
         "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",

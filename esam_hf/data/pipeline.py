@@ -1,0 +1,104 @@
+"""One call from a DatasetSpec to Trainer-ready datasets and their collator, and a throughput probe for benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from .cifar import CifarAugment, CifarTensorDataset, cifar_data_config, cifar_tensors
+from .specs import DatasetSpec, load_splits
+from .transforms import collate_images, image_transform, timm_data_config, with_image_transform
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """What `transformers.Trainer` needs; pass `remove_unused_columns=False` in its TrainingArguments.
+
+    Each split's dataset carries its own transforms (augmentation for training only), so the one
+    `collator` serves both splits, as the Trainer's single `data_collator`.
+    """
+
+    train_dataset: torch.utils.data.Dataset | None
+    eval_dataset: torch.utils.data.Dataset | None
+    collator: Callable
+    class_names: list[str]
+    data_config: dict  # input_size, mean, std, crop_pct, interpolation: save the image processor from this
+
+
+def build_datasets(
+    spec: DatasetSpec,
+    data_config: Mapping | None = None,
+    *,
+    train: bool = True,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+    crop: bool = True,
+    flip: bool = True,
+    cutout: bool = True,
+    cache_dir: str | Path | None = None,
+    generator: torch.Generator | None = None,
+) -> DataBundle:
+    """Load `spec`'s splits and wrap them in the input pipeline its kind calls for.
+
+    CIFAR-kind data at 32x32 input takes the fast path (decoded once to a cached uint8 tensor, batch
+    augmentation by the training dataset: crop/flip/cutout flags and `generator` apply there). Any other combination, e.g. CIFAR upsampled for
+    a 224-pixel model, uses timm's transforms from `data_config` (a timm data config or pretrained_cfg;
+    None means CIFAR statistics for CIFAR, timm's ImageNet defaults otherwise).
+    `train=False` skips the training split (evaluation only).
+    """
+    train_ds, eval_ds, class_names = load_splits(spec, max_train_samples, max_eval_samples, seed)
+    if not train:
+        train_ds = None
+    input_hw = tuple(data_config["input_size"][-2:]) if data_config and "input_size" in data_config else None
+
+    if spec.kind == "cifar" and input_hw in (None, (32, 32)):
+        config = {**cifar_data_config(len(class_names)), **(data_config or {})}
+
+        def wrap(ds, training):
+            if training:
+                augment = CifarAugment(config["mean"], config["std"], crop=crop, flip=flip, cutout=cutout, generator=generator)
+            else:
+                augment = CifarAugment(config["mean"], config["std"], train=False)
+            return CifarTensorDataset(*cifar_tensors(ds, spec.image_column, spec.label_column, cache_dir), augment)
+    else:
+        config = timm_data_config(data_config)
+
+        def wrap(ds, training):
+            return with_image_transform(ds, spec.image_column, spec.label_column, image_transform(config, training))
+
+    return DataBundle(
+        train_dataset=wrap(train_ds, True) if train_ds is not None else None,
+        eval_dataset=wrap(eval_ds, False) if eval_ds is not None else None,
+        collator=collate_images,
+        class_names=class_names,
+        data_config=config,
+    )
+
+
+def measure_pipeline_throughput(
+    dataset, collator: Callable, batch_size: int, num_batches: int, num_workers: int = 0, repeats: int = 3
+) -> float:
+    """Images per second of the input pipeline alone (loading, decoding, augmenting, collating): median of repeats.
+
+    One untimed pass first starts the workers and warms caches, so the number is the steady state a
+    training run sees. Compare it with the model's own images/s to tell whether data loading is the bottleneck.
+    """
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, collate_fn=collator, num_workers=num_workers,
+        persistent_workers=num_workers > 0, drop_last=True,
+    )
+    rates = []
+    for attempt in range(repeats + 1):
+        start, images = time.perf_counter(), 0
+        for batch in itertools.islice(loader, num_batches):
+            images += len(batch["labels"])
+        if attempt > 0:
+            rates.append(images / (time.perf_counter() - start))
+    return statistics.median(rates)
