@@ -1,5 +1,7 @@
 """Small models, data and a sequential-order Trainer shared by the tests."""
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,7 @@ class TinyConvNet(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(8, num_classes)
+        self.config = SimpleNamespace(problem_type="single_label_classification")  # what Trainer reads of a config
 
     def forward(self, pixel_values, labels=None):
         logits = self.head(self.body(pixel_values))
