@@ -47,7 +47,7 @@ def test_train_save_reload_pipeline_and_card(tmp_path):
     trainer.model.load_state_dict(reloaded.state_dict())
     mean = torch.tensor(trainer.model.config.pretrained_cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(trainer.model.config.pretrained_cfg["std"]).view(3, 1, 1)
-    x = (torch.from_numpy(np.asarray(photo.convert("RGB"))).permute(2, 0, 1).float() / 255 - mean) / std
+    x = (torch.from_numpy(np.array(photo.convert("RGB"))).permute(2, 0, 1).float() / 255 - mean) / std
     with torch.no_grad():
         logits = trainer.model.eval()(pixel_values=x[None]).logits[0]
         assert torch.allclose(processor(photo, return_tensors="pt")["pixel_values"][0], x, atol=1e-5)
