@@ -82,11 +82,12 @@ def make_trainer(model_args: ModelArguments, data_args: DataArguments, training_
 
 
 def train_image_classifier(model_args: ModelArguments, data_args: DataArguments, training_args: ESAMTrainingArguments,
-                           recipe: str = "custom", resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
+                           recipe: str = "custom", resume_from_checkpoint: str | bool | None = None,
+                           callbacks: list | None = None) -> dict[str, Any]:
     """Train, evaluate, save the model (with its image processor config and card) to `output_dir`.
 
     Returns the final metrics: train throughput and eval accuracy."""
-    trainer = make_trainer(model_args, data_args, training_args)
+    trainer = make_trainer(model_args, data_args, training_args, callbacks=callbacks)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = dict(train_result.metrics)
     if trainer.eval_dataset is not None:

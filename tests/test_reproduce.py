@@ -1,0 +1,207 @@
+"""`esam-hf reproduce` and `esam-hf landscape` end to end, at a CPU size (the demo recipe: a
+quarter-width ResNet-18 on the CIFAR-10 subset shipped in the package, 128 images, one epoch).
+
+The checks compare against facts the code under test does not compute itself: the demo recipe's
+published lr and batch, the Trainer's own scheduler and loss bookkeeping, PNG signatures, a fresh
+evaluation of the reloaded model, file modification times."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from esam_hf.reproduce import batch_schedule, landscape_main, main, plan_run, parse_args, reproduce_landscape
+
+METHODS = ("sgd", "sam", "esam")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _argv(out, *extra):
+    return ["--recipe", "demo", "--epochs", "1", "--seeds", "0", "--max-train-samples", "128", "--max-eval-samples", "64",
+            "--batch-size", "32", "--output-dir", str(out), "--logging_steps", "1", *extra]
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    results = main(_argv(out))
+    return out, results
+
+
+# --------------------------------------------------------------------------- #
+# Planning (no training)
+# --------------------------------------------------------------------------- #
+def test_batch_schedule_linear_scaling_rule():
+    # cifar10-resnet18 is published as batch 128, lr 0.05 (the authors' script).
+    assert batch_schedule("cifar10-resnet18", None) == (128, 0.05, 0.0)
+    assert batch_schedule("cifar10-resnet18", 128) == (128, 0.05, 0.0)
+    batch, lr, warmup = batch_schedule("cifar10-resnet18", 512)
+    assert (batch, warmup) == (512, 0.05) and lr == pytest.approx(0.2)
+    batch, lr, warmup = batch_schedule("cifar10-resnet18", 64)
+    assert (batch, warmup) == (64, 0.0) and lr == pytest.approx(0.025)
+
+
+def test_passthrough_flags_reach_every_run_but_keep_each_method_itself(tmp_path):
+    opts, rest = parse_args(["--recipe", "cifar10-resnet18", "--methods", "sgd,sam,esam,esam_warmup", "--output-dir",
+                             str(tmp_path), "--esam_rho", "0.1", "--esam_gamma", "0.3", "--model_kwargs", '{"drop_rate": 0.1}'])
+    args = {m: plan_run(opts, m, 0, rest) for m in opts.methods}
+    training = {m: a[2] for m, a in args.items()}
+    assert all(json.loads(a[0].model_kwargs) == {"drop_rate": 0.1} for a in args.values())
+    assert training["sgd"].esam_rho == 0.0  # still SGD
+    assert (training["sam"].esam_rho, training["sam"].esam_beta, training["sam"].esam_gamma) == (0.1, 1.0, 1.0)  # still SAM
+    assert (training["esam"].esam_rho, training["esam"].esam_beta, training["esam"].esam_gamma) == (0.1, 0.6, 0.3)
+    assert training["esam"].esam_gamma_warmup == 0.0 and training["esam_warmup"].esam_gamma_warmup == 0.3
+    assert training["esam"].output_dir == os.path.join(str(tmp_path), "esam-seed0")
+    assert training["esam"].per_device_train_batch_size == 128 and training["esam"].num_train_epochs == 200
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "sgd,adam"])
+
+
+# --------------------------------------------------------------------------- #
+# One CPU-sized reproduction, shared by the tests below
+# --------------------------------------------------------------------------- #
+def test_batch_other_than_recipe_halves_lr(reproduced):
+    out, _ = reproduced
+    for method in METHODS:
+        state = _read(out / f"{method}-seed0" / "trainer_state.json")
+        # demo recipe: lr 0.05 at batch 64 -> 0.025 at batch 32; the first step's lr is the peak (no warm-up)
+        assert state["log_history"][0]["learning_rate"] == pytest.approx(0.025)
+        assert state["train_batch_size"] == 32
+
+
+def test_results_tables_and_plots(reproduced, capsys):
+    out, results = reproduced
+    on_disk = _read(out / "results.json")
+    assert set(on_disk["methods"]) == set(METHODS)
+    assert on_disk["methods"]["sgd"]["images_per_s_vs_sgd"] == pytest.approx(1.0)
+    for method in METHODS:
+        final = _read(out / f"{method}-seed0" / "all_results.json")
+        summary = on_disk["methods"][method]
+        assert summary["top1_mean"] == pytest.approx(final["eval_accuracy"]) and summary["top1_std"] == 0.0
+        # images/s = 128 images over the measured training seconds, which exclude evaluation, so they
+        # cannot exceed the Trainer's own runtime (which includes the epoch-end evaluation)
+        assert 0 < summary["train_seconds"] <= final["train_runtime"]
+        assert summary["images_per_s"] == pytest.approx(128 / summary["train_seconds"])
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} | 1 |" in table for m in METHODS)
+    for name in on_disk["plots"]:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+        with Image.open(out / name) as image:
+            image.verify()
+
+
+def test_timeline_one_entry_per_epoch_matches_trainer(reproduced):
+    out, _ = reproduced
+    for method in METHODS:
+        run = out / f"{method}-seed0"
+        timeline, final = _read(run / "timeline.json"), _read(run / "all_results.json")
+        assert timeline["train_samples"] == 128 and len(timeline["epochs"]) == 1
+        entry = timeline["epochs"][0]
+        assert entry["epoch"] == 1.0 and entry["step"] == 4  # 128 images / batch 32
+        # The Trainer's whole-run mean loss and final evaluation, for a one-epoch run
+        assert entry["train_loss"] == pytest.approx(final["train_loss"])
+        assert entry["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
+
+
+def test_saved_models_reload_with_cards(reproduced):
+    import esam_hf  # noqa: F401  (registers the CIFAR backbones)
+    from transformers import AutoModelForImageClassification
+
+    from esam_hf.data import build_datasets, resolve_dataset
+
+    out, _ = reproduced
+    cards = {"sgd": "rho = 0", "sam": "beta = gamma = 1", "esam": "gamma-fraction of the batch"}
+    for method in METHODS:
+        run = out / f"{method}-seed0"
+        assert cards[method] in (run / "README.md").read_text()
+        model = AutoModelForImageClassification.from_pretrained(run).eval()
+        # Re-evaluate the reloaded model on the same 64 test images: it must be the evaluated model.
+        data = build_datasets(resolve_dataset("cifar10-subset"), dict(model.config.pretrained_cfg), train=False,
+                              max_eval_samples=64, seed=0)
+        batch = data.collator([data.eval_dataset[i] for i in range(len(data.eval_dataset))])
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"]).logits
+        accuracy = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+        assert accuracy == pytest.approx(_read(run / "all_results.json")["eval_accuracy"])
+
+
+def test_rerun_skips_and_missing_results_resume_from_checkpoint(reproduced, capsys):
+    out, _ = reproduced
+    weights = {m: os.path.getmtime(out / f"{m}-seed0" / "model.safetensors") for m in METHODS}
+    capsys.readouterr()
+    main(_argv(out))
+    printed = capsys.readouterr().out
+    assert all(f"{m}-seed0: skip" in printed for m in METHODS)
+    assert all(os.path.getmtime(out / f"{m}-seed0" / "model.safetensors") == weights[m] for m in METHODS)
+
+    os.remove(out / "esam-seed0" / "all_results.json")  # as if cut off after its last checkpoint
+    main(_argv(out))
+    printed = capsys.readouterr().out
+    assert "esam-seed0: resume from checkpoint-4" in printed and "sgd-seed0: skip" in printed
+    state = _read(out / "esam-seed0" / "trainer_state.json")
+    assert state["global_step"] == 4 and len(_read(out / "esam-seed0" / "timeline.json")["epochs"]) == 1
+    assert os.path.isfile(out / "esam-seed0" / "all_results.json")
+
+
+def test_resume_mid_run_continues_timeline(tmp_path, capsys):
+    """Two epochs of SGD, then cut back to the epoch-1 checkpoint: the resumed run redoes epoch 2 only
+    and its clock continues from epoch 1's."""
+    argv = ["--recipe", "demo", "--methods", "sgd", "--epochs", "2", "--seeds", "0", "--max-train-samples", "64",
+            "--max-eval-samples", "32", "--batch-size", "32", "--output-dir", str(tmp_path), "--logging_steps", "1"]
+    main(argv)
+    run = tmp_path / "sgd-seed0"
+    first = _read(run / "timeline.json")["epochs"]
+    assert [e["step"] for e in first] == [2, 4]
+    shutil.rmtree(run / "checkpoint-4")
+    os.remove(run / "all_results.json")
+    capsys.readouterr()
+    main(argv)
+    assert "sgd-seed0: resume from checkpoint-2" in capsys.readouterr().out
+    second = _read(run / "timeline.json")["epochs"]
+    assert [e["step"] for e in second] == [2, 4]
+    assert second[0] == first[0]  # the checkpointed epoch is kept as it was
+    assert second[1]["train_seconds"] > second[0]["train_seconds"]
+    steps = [h["step"] for h in _read(run / "trainer_state.json")["log_history"] if "loss" in h]
+    assert steps == [1, 2, 3, 4]  # epoch 1's logs from the checkpoint, then epoch 2's, each once
+
+
+# --------------------------------------------------------------------------- #
+# Landscape of the saved models
+# --------------------------------------------------------------------------- #
+def test_landscape_main_compares_saved_models(reproduced, tmp_path, capsys):
+    out, _ = reproduced
+    report = landscape_main(["--models", f"{out / 'sgd-seed0'},{out / 'sam-seed0'}", "--names", "sgd,sam",
+                             "--dataset", "cifar10-subset", "--samples", "64", "--batch-size", "32", "--grid", "5",
+                             "--hessian-iters", "3", "--out", str(tmp_path)])
+    for name in ("landscape_1d.png", "landscape_2d.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+    saved = _read(tmp_path / "landscape.json")
+    assert set(saved["models"]) == {"sgd", "sam"}
+    for entry in saved["models"].values():
+        eigenvalue = entry["top_hessian_eigenvalue"]
+        assert torch.isfinite(torch.tensor(eigenvalue)) and eigenvalue > 0
+        assert len(entry["landscape_1d"]["alphas"]) == 9 and len(entry["landscape_2d"]["losses"]) == 5
+    printed = capsys.readouterr().out
+    assert "| sgd |" in printed and "| sam |" in printed
+    assert report["models"]["sgd"]["top_hessian_eigenvalue"] == saved["models"]["sgd"]["top_hessian_eigenvalue"]
+
+
+def test_reproduce_landscape_one_model_per_method_1d_only(reproduced):
+    out, _ = reproduced
+    reproduce_landscape(str(out), ["sgd", "esam"], "cifar10-subset",
+                        extra_argv=["--samples", "32", "--grid", "3", "--hessian-iters", "2", "--no-2d"])
+    assert (out / "landscape" / "landscape_1d.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not (out / "landscape" / "landscape_2d.png").exists()
+    assert set(_read(out / "landscape" / "landscape.json")["models"]) == {"sgd", "esam"}
