@@ -95,7 +95,6 @@ class ESAM:
         check_esam_args(rho, beta, gamma, bn_stats)
         self.rho, self.beta, self.gamma, self.adaptive, self.bn_stats, self.eps = rho, beta, gamma, adaptive, bn_stats, eps
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._numels = [p.numel() for p in self.params]
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # CPU generator: drawing the SWP mask never waits for the device, and the same
         # seed gives the same mask on every rank.
@@ -130,6 +129,7 @@ class ESAM:
                 gradient (e.g. `ddp_model.no_sync`): each rank perturbs with its own.
             grad_scaler: fp16 GradScaler: the ascent loss is scaled so small gradients
                 survive; the direction is scale-invariant.
+            gamma: this step's SDS fraction instead of `self.gamma` (for schedules).
         Returns:
             The detached mean loss at w over the whole batch.
         """
@@ -151,11 +151,11 @@ class ESAM:
         del grads
         try:
             with self._frozen_bn_stats():
-                batch_size = losses.shape[0]
-                if self.k(batch_size, gamma) < batch_size:
+                batch_size, k = losses.shape[0], self.k(losses.shape[0], gamma)
+                if k < batch_size:
                     with torch.no_grad():
                         sharpness = loss_fn(batch).detach() - losses
-                    index = sharpness.topk(self.k(batch_size, gamma), sorted=False).indices
+                    index = sharpness.topk(k, sorted=False).indices
                     descent = loss_fn(index_batch(batch, index, batch_size))
                 else:
                     descent = loss_fn(batch)
@@ -182,13 +182,14 @@ class ESAM:
         # has no foreach cure; nan_to_num on the flat buffer is one kernel).
         backup = torch.cat([p.reshape(-1) for p in kept])
         g = torch.cat([g.reshape(-1) for g in grads]).to(backup.dtype)
-        if self.adaptive:
-            g.mul_(backup.abs())
+        if self.adaptive:  # norm of |w| g; e along w^2 g
+            w_abs = backup.abs()
+            g.mul_(w_abs)
         norm = torch.linalg.vector_norm(g)
         finite = torch.isfinite(norm)
         scale = torch.where(finite, self.rho / self.beta / (norm + self.eps), 0.0)
         if self.adaptive:
-            g.mul_(backup.abs())
+            g.mul_(w_abs)
         g.mul_(scale).nan_to_num_(0.0, 0.0, 0.0)
         torch._foreach_add_(kept, self._views(g, kept))
         return backup, norm, finite
