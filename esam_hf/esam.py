@@ -26,6 +26,9 @@ from torch import nn
 
 BN_STATS_MODES = ("clean", "all")
 GAMMA_SCHEDULES = ("linear", "cosine")
+# How SDS picks its k examples: the paper's instance sharpness l_i(w + e) - l_i(w), the loss
+# l_i(w + e) alone, or a uniform random subset (unbiased, and no selection forward pass).
+SELECTIONS = ("sharpness", "loss", "random")
 
 
 def scheduled_gamma(gamma: float, progress: float, warmup: float, schedule: str = "linear") -> float:
@@ -40,20 +43,25 @@ def scheduled_gamma(gamma: float, progress: float, warmup: float, schedule: str 
     return 1.0 - (1.0 - gamma) * ramp
 
 
-def check_esam_args(rho: float, beta: float, gamma: float, bn_stats: str = "clean", prefix: str = "",
-                    gamma_warmup: float = 0.0, gamma_schedule: str = "linear") -> None:
+def check_esam_args(rho: float, beta: float, gamma: float, bn_stats: str = "clean", adaptive: bool = False,
+                    gamma_warmup: float = 0.0, gamma_schedule: str = "linear", selection: str = "sharpness",
+                    prefix: str = "") -> None:
     """Raise ValueError naming the argument and its allowed range."""
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
         raise ValueError(f"{prefix}rho must be a finite number >= 0 (0 turns sharpness-awareness off), got {rho!r}")
     for name, value in (("beta", beta), ("gamma", gamma)):
         if not (isinstance(value, (int, float)) and 0 < value <= 1):
             raise ValueError(f"{prefix}{name} must be in (0, 1] (1 turns it off), got {value!r}")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"{prefix}adaptive must be True or False, got {adaptive!r}")
     if bn_stats not in BN_STATS_MODES:
         raise ValueError(f"{prefix}bn_stats must be one of {BN_STATS_MODES}, got {bn_stats!r}")
     if not (isinstance(gamma_warmup, (int, float)) and 0 <= gamma_warmup <= 1):
         raise ValueError(f"{prefix}gamma_warmup must be in [0, 1] (a fraction of training; 0 = off), got {gamma_warmup!r}")
     if gamma_schedule not in GAMMA_SCHEDULES:
         raise ValueError(f"{prefix}gamma_schedule must be one of {GAMMA_SCHEDULES}, got {gamma_schedule!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"{prefix}selection must be one of {SELECTIONS}, got {selection!r}")
 
 
 def index_batch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
@@ -79,6 +87,7 @@ class ESAM:
         bn_stats: "clean" updates BatchNorm running statistics only in the pass at w;
             "all" in every forward pass, as the authors' code does.
         seed: seeds the SWP generator; use the same seed on every rank.
+        selection: SDS score, one of SELECTIONS ("sharpness" is the paper's).
     """
 
     def __init__(
@@ -90,10 +99,12 @@ class ESAM:
         adaptive: bool = False,
         bn_stats: str = "clean",
         seed: int = 0,
+        selection: str = "sharpness",
         eps: float = 1e-12,
     ):
-        check_esam_args(rho, beta, gamma, bn_stats)
+        check_esam_args(rho, beta, gamma, bn_stats, adaptive, selection=selection)
         self.rho, self.beta, self.gamma, self.adaptive, self.bn_stats, self.eps = rho, beta, gamma, adaptive, bn_stats, eps
+        self.selection = selection
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # CPU generator: drawing the SWP mask never waits for the device, and the same
@@ -152,10 +163,16 @@ class ESAM:
         try:
             with self._frozen_bn_stats():
                 batch_size, k = losses.shape[0], self.k(losses.shape[0], gamma)
-                if k < batch_size:
+                if k < batch_size and self.selection == "random":
+                    index = torch.randperm(batch_size, device=losses.device)[:k]
+                    descent = loss_fn(index_batch(batch, index, batch_size))
+                    sharpness = descent.detach() - losses.index_select(0, index)
+                elif k < batch_size:
                     with torch.no_grad():
-                        sharpness = loss_fn(batch).detach() - losses
-                    index = sharpness.topk(k, sorted=False).indices
+                        perturbed = loss_fn(batch).detach()
+                    sharpness = perturbed - losses
+                    score = sharpness if self.selection == "sharpness" else perturbed
+                    index = score.topk(k, sorted=False).indices
                     descent = loss_fn(index_batch(batch, index, batch_size))
                 else:
                     descent = loss_fn(batch)

@@ -15,9 +15,15 @@ def _method(config: dict[str, Any]) -> str:
         return "With rho = 0 this run is plain training with the base optimizer (the SGD baseline)."
     if config["esam_beta"] == 1 and config["esam_gamma"] == 1:
         return "With beta = gamma = 1 this run is SAM (both passes on every weight and every example)."
-    return ("ESAM: each step perturbs a random beta-fraction of the parameter tensors by "
+    text = ("ESAM: each step perturbs a random beta-fraction of the parameter tensors by "
             "rho/beta along the gradient and descends on the gamma-fraction of the batch "
             "whose loss rises most under the perturbation.")
+    if config.get("esam_selection", "sharpness") != "sharpness":
+        text += f" Examples selected by `{config['esam_selection']}` instead of instance sharpness."
+    if config.get("esam_gamma_warmup", 0) > 0:
+        text += (f" The selected fraction starts at the whole batch and reaches gamma after "
+                 f"{config['esam_gamma_warmup']:.0%} of training ({config['esam_gamma_schedule']}).")
+    return text
 
 
 def _rows(values: dict[str, Any]) -> str:

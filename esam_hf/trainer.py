@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, check_esam_args, scheduled_gamma
+from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, SELECTIONS, check_esam_args, scheduled_gamma
 from .losses import per_example_loss
 
 ESAM_STATE_NAME = "esam_state.pt"
@@ -38,19 +38,26 @@ class ESAMTrainingArguments(TrainingArguments):
     esam_gamma_schedule: str = field(
         default="linear", metadata={"help": "Shape of the gamma warm-up.", "choices": list(GAMMA_SCHEDULES)}
     )
+    esam_selection: str = field(
+        default="sharpness",
+        metadata={"help": "SDS score: 'sharpness' l(w+e) - l(w) (the paper's), 'loss' l(w+e), or 'random' "
+                          "(a uniform subset: unbiased, and skips the selection forward pass).",
+                  "choices": list(SELECTIONS)},
+    )
 
     def __post_init__(self):
-        check_esam_args(self.esam_rho, self.esam_beta, self.esam_gamma, self.esam_bn_stats, prefix="esam_",
-                        gamma_warmup=self.esam_gamma_warmup, gamma_schedule=self.esam_gamma_schedule)
+        check_esam_args(**esam_config(self, prefix=False), prefix="esam_")
         super().__post_init__()
 
 
 _ESAM_DEFAULTS = {name: f.default for name, f in ESAMTrainingArguments.__dataclass_fields__.items() if name.startswith("esam_")}
 
 
-def esam_config(args: TrainingArguments) -> dict[str, Any]:
-    """ESAM hyper-parameters of `args`; plain `TrainingArguments` get the paper's defaults."""
-    return {name: getattr(args, name, default) for name, default in _ESAM_DEFAULTS.items()}
+def esam_config(args: TrainingArguments, prefix: bool = True) -> dict[str, Any]:
+    """ESAM hyper-parameters of `args` (`esam_rho`, ...; `rho`, ... with prefix=False);
+    plain `TrainingArguments` get the paper's defaults."""
+    return {(name if prefix else name.removeprefix("esam_")): getattr(args, name, default)
+            for name, default in _ESAM_DEFAULTS.items()}
 
 
 class ESAMTrainer(Trainer):
@@ -70,19 +77,15 @@ class ESAMTrainer(Trainer):
                 "`torchrun`); DeepSpeed, FSDP and single-process DataParallel are not supported: ESAM "
                 "perturbs and restores whole parameters between two backward passes."
             )
-        c = esam_config(self.args)
-        check_esam_args(c["esam_rho"], c["esam_beta"], c["esam_gamma"], c["esam_bn_stats"], prefix="esam_",
-                        gamma_warmup=c["esam_gamma_warmup"], gamma_schedule=c["esam_gamma_schedule"])
+        check_esam_args(**esam_config(self.args, prefix=False), prefix="esam_")
         self.per_example_loss_func = per_example_loss_func
         self.esam: ESAM | None = None
 
     def _get_esam(self) -> ESAM:
         if self.esam is None:
-            c = esam_config(self.args)
-            self.esam = ESAM(
-                self.model, rho=c["esam_rho"], beta=c["esam_beta"], gamma=c["esam_gamma"],
-                adaptive=c["esam_adaptive"], bn_stats=c["esam_bn_stats"], seed=self.args.seed,
-            )
+            c = esam_config(self.args, prefix=False)
+            self.esam = ESAM(self.model, rho=c["rho"], beta=c["beta"], gamma=c["gamma"], adaptive=c["adaptive"],
+                             bn_stats=c["bn_stats"], selection=c["selection"], seed=self.args.seed)
         return self.esam
 
     def train(self, *args, **kwargs):
@@ -121,9 +124,9 @@ class ESAMTrainer(Trainer):
     def current_gamma(self) -> float:
         """SDS fraction for this step: `esam_gamma`, or on its warm-up schedule. A function of
         the global step alone, so resumed runs and every DDP rank agree without extra state."""
-        c = esam_config(self.args)
+        c = esam_config(self.args, prefix=False)
         progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 1.0
-        return scheduled_gamma(c["esam_gamma"], progress, c["esam_gamma_warmup"], c["esam_gamma_schedule"])
+        return scheduled_gamma(c["gamma"], progress, c["gamma_warmup"], c["gamma_schedule"])
 
     def compute_per_example_loss(self, model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """Loss of each example, shape [B]: `per_example_loss_func` if given, else cross-entropy

@@ -248,12 +248,15 @@ def test_state_dict_round_trip_continues_the_swp_draws():
         ({"gamma": 0.0}, r"gamma must be in \(0, 1\]"),
         ({"gamma": -1}, r"gamma must be in \(0, 1\]"),
         ({"bn_stats": "some"}, "bn_stats must be one of"),
+        ({"selection": "hardest"}, "selection must be one of"),
     ],
 )
 def test_invalid_hyper_parameters_are_refused(kwargs, match):
     args = {"rho": 0.05, "beta": 0.6, "gamma": 0.5, "bn_stats": "clean", **kwargs}
     with pytest.raises(ValueError, match=match):
         check_esam_args(**args)
+    with pytest.raises(ValueError, match="esam_" + match.split()[0]):
+        check_esam_args(**args, prefix="esam_")
     with pytest.raises(ValueError, match=match):
         ESAM(TinyConvNet(), **args)
 
@@ -285,3 +288,32 @@ def test_fp16_grad_scaler_scales_the_ascent_and_overflow_is_skipped():
     assert esam.pop_stats()["esam/skipped_perturbations"] == 1
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # restored, step skipped
     assert scaler.get_scale() < 2.0 ** 100
+
+
+def test_loss_selection_descends_on_the_k_highest_perturbed_losses():
+    model, ref = TinyConvNet(), TinyConvNet()
+    x, y = batch(n=12)
+    rho, k = 0.5, 6
+    clean = F.cross_entropy(ref(x).logits, y, reduction="none")
+    grads = torch.autograd.grad(clean.mean(), list(ref.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads):
+            p.add_(rho * g / norm)
+        perturbed = F.cross_entropy(ref(x).logits, y, reduction="none")
+    expected = set(perturbed.topk(k).indices.tolist())
+    seen = []
+    ESAM(model, rho=rho, beta=1.0, gamma=0.5, selection="loss").step(loss_fn_for(model, seen), (x, y))
+    assert {next(i for i in range(12) if torch.equal(x[i], row)) for row in seen[2]} == expected
+
+
+def test_random_selection_skips_the_selection_pass_and_draws_from_torch_rng():
+    x, y = batch(n=16)
+    subsets = []
+    for seed in (0, 0, 1):
+        model, seen = TinyConvNet(), []
+        torch.manual_seed(seed)
+        ESAM(model, rho=0.1, beta=1.0, gamma=0.25, selection="random").step(loss_fn_for(model, seen), (x, y))
+        assert [s.shape[0] for s in seen] == [16, 4]  # no no-grad forward
+        subsets.append({next(i for i in range(16) if torch.equal(x[i], row)) for row in seen[1]})
+    assert subsets[0] == subsets[1] != subsets[2]

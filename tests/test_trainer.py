@@ -200,6 +200,7 @@ def test_arguments_parse_save_and_validate(tmp_path):
         ("--esam_rho", "-1", "esam_rho must be a finite number >= 0"),
         ("--esam_beta", "0", r"esam_beta must be in \(0, 1\]"),
         ("--esam_gamma", "1.5", r"esam_gamma must be in \(0, 1\]"),
+        ("--esam_gamma_warmup", "1.5", r"esam_gamma_warmup must be in \[0, 1\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), flag, value])
@@ -207,6 +208,8 @@ def test_arguments_parse_save_and_validate(tmp_path):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--esam_bn_stats", "some"])
     with pytest.raises(ValueError, match="esam_bn_stats must be one of"):
         ESAMTrainingArguments(output_dir=str(tmp_path), esam_bn_stats="some")
+    with pytest.raises(ValueError, match="esam_selection must be one of"):
+        ESAMTrainingArguments(output_dir=str(tmp_path), esam_selection="hardest")
 
 
 def test_plain_training_arguments_get_paper_defaults(tmp_path):
