@@ -52,6 +52,7 @@ METHODS = {
     "sam": (ESAMTrainer, {"esam_beta": 1.0, "esam_gamma": 1.0}),
     "esam": (ESAMTrainer, {"esam_beta": 0.6, "esam_gamma": 0.5}),
     "esam_gamma_warmup": (ESAMTrainer, {"esam_beta": 0.6, "esam_gamma": 0.5, "esam_gamma_warmup": 0.3}),
+    "esam_random": (ESAMTrainer, {"esam_beta": 0.6, "esam_gamma": 0.5, "esam_selection": "random"}),
 }
 
 
@@ -112,7 +113,8 @@ def run_setting(setting: Setting, methods: list[str], dataset: str, steps: int, 
     ips = result["images_per_s"]
     ratios = {}
     for a, b in [("esam", "sgd"), ("sam", "sgd"), ("esam", "sam"), ("esam_rho0", "sgd"),
-                 ("esam_gamma_warmup", "sgd"), ("esam_gamma_warmup", "sam")]:
+                 ("esam_gamma_warmup", "sgd"), ("esam_gamma_warmup", "sam"), ("esam_random", "sgd"),
+                 ("esam_random", "sam")]:
         if a in ips and b in ips:
             ratios[f"{a}/{b}"] = ips[a] / ips[b]
     if "sgd" in ips:

@@ -30,12 +30,14 @@ from .run import DataArguments, ModelArguments, train_image_classifier
 from .trainer import ESAMTrainingArguments
 
 # method -> (recipe optimizer, extra ESAMTrainingArguments). `esam_warmup` is ESAM whose SDS
-# fraction starts at the whole batch and reaches gamma after 30% of training.
+# fraction starts at the whole batch and reaches gamma after 30% of training; `esam_random`
+# selects a uniform random subset instead of the sharpest examples.
 METHODS = {
     "sgd": ("sgd", {}),
     "sam": ("sam", {}),
     "esam": ("esam", {}),
     "esam_warmup": ("esam", {"esam_gamma_warmup": 0.3}),
+    "esam_random": ("esam", {"esam_selection": "random"}),
 }
 # Fields that make a method what it is: re-imposed after pass-through flags, so `--esam_rho 0.1`
 # changes SAM and ESAM but leaves SGD plain SGD (and `--esam_gamma 0.3` leaves SAM SAM).

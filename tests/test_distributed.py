@@ -14,15 +14,25 @@ from helpers import SeqESAMTrainer, TinyConvNet, make_args, make_data, train
 HERE = Path(__file__).resolve().parent
 
 
-def run_two_processes(out_dir, mode):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(HERE / "ddp_worker.py"), str(out_dir), mode]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+# Failures of the launcher's sockets, not of the code under test: worth one more try on a new port.
+_INFRA_ERRORS = ("Address already in use", "Connection reset", "Connection refused", "timed out", "Broken pipe")
+
+
+def run_two_processes(out_dir, mode, attempts=2):
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for attempt in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(HERE / "ddp_worker.py"), str(out_dir), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        output = proc.stdout[-3000:] + proc.stderr[-3000:]
+        if proc.returncode == 0 or not any(e in output for e in _INFRA_ERRORS):
+            break
+        print(f"launcher failed on attempt {attempt + 1}, retrying:\n{output}")
+    assert proc.returncode == 0, output
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
