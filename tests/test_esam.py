@@ -128,12 +128,9 @@ def test_swp_skips_conv_weight_gradient_kernels():
     assert counter.weight_grads == 1 + 2  # ascent: the kept conv only; descent: both
 
 
-def test_sds_descends_on_the_k_sharpest_examples():
-    model = TinyConvNet()
-    x, y = batch(n=15)
-    rho, gamma = 0.5, 0.4
-    k = math.ceil(gamma * 15)
-    # Independent reference: SAM perturbation, sharpness, top-k.
+def reference_losses(x, y, rho):
+    """Independent reference: per-example losses at w and at the SAM point w + rho g/||g||
+    of a fresh TinyConvNet (BatchNorm statistics frozen there by momentum 0)."""
     ref = TinyConvNet()
     clean = F.cross_entropy(ref(x).logits, y, reduction="none")
     grads = torch.autograd.grad(clean.mean(), list(ref.parameters()))
@@ -144,8 +141,16 @@ def test_sds_descends_on_the_k_sharpest_examples():
         for m in ref.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = 0.0
-        perturbed = F.cross_entropy(ref(x).logits, y, reduction="none")
-    expected = set((perturbed - clean.detach()).topk(k).indices.tolist())
+        return clean.detach(), F.cross_entropy(ref(x).logits, y, reduction="none")
+
+
+def test_sds_descends_on_the_k_sharpest_examples():
+    model = TinyConvNet()
+    x, y = batch(n=15)
+    rho, gamma = 0.5, 0.4
+    k = math.ceil(gamma * 15)
+    clean, perturbed = reference_losses(x, y, rho)
+    expected = set((perturbed - clean).topk(k).indices.tolist())
 
     seen = []
     ESAM(model, rho=rho, beta=1.0, gamma=gamma).step(loss_fn_for(model, seen), (x, y))
@@ -291,16 +296,10 @@ def test_fp16_grad_scaler_scales_the_ascent_and_overflow_is_skipped():
 
 
 def test_loss_selection_descends_on_the_k_highest_perturbed_losses():
-    model, ref = TinyConvNet(), TinyConvNet()
+    model = TinyConvNet()
     x, y = batch(n=12)
     rho, k = 0.5, 6
-    clean = F.cross_entropy(ref(x).logits, y, reduction="none")
-    grads = torch.autograd.grad(clean.mean(), list(ref.parameters()))
-    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-    with torch.no_grad():
-        for p, g in zip(ref.parameters(), grads):
-            p.add_(rho * g / norm)
-        perturbed = F.cross_entropy(ref(x).logits, y, reduction="none")
+    _, perturbed = reference_losses(x, y, rho)
     expected = set(perturbed.topk(k).indices.tolist())
     seen = []
     ESAM(model, rho=rho, beta=1.0, gamma=0.5, selection="loss").step(loss_fn_for(model, seen), (x, y))
