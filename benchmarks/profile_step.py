@@ -5,7 +5,7 @@ interleaved, median of 5 repeats, then a torch.profiler table of three ESAM step
 """
 import torch, timm, esam_hf, time, statistics
 import torch.nn.functional as F
-from torch.profiler import profile, ProfilerActivity, record_function
+from torch.profiler import profile, ProfilerActivity
 from esam_hf import ESAM
 torch.manual_seed(0)
 m = timm.create_model("cifar_resnet18", channels=[16,32,64,128], num_classes=10)

@@ -18,9 +18,9 @@ def _method(config: dict[str, Any]) -> str:
     text = ("ESAM: each step perturbs a random beta-fraction of the parameter tensors by "
             "rho/beta along the gradient and descends on the gamma-fraction of the batch "
             "whose loss rises most under the perturbation.")
-    if config.get("esam_selection", "sharpness") != "sharpness":
+    if config["esam_selection"] != "sharpness":
         text += f" Examples selected by `{config['esam_selection']}` instead of instance sharpness."
-    if config.get("esam_gamma_warmup", 0) > 0:
+    if config["esam_gamma_warmup"] > 0:
         text += (f" The selected fraction starts at the whole batch and reaches gamma after "
                  f"{config['esam_gamma_warmup']:.0%} of training ({config['esam_gamma_schedule']}).")
     return text

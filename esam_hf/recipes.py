@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sgd", "sam", "esam")
@@ -42,9 +41,6 @@ class Recipe:
             "warmup_steps": 0,
             **self.esam_args(optimizer),
         }
-
-    def replace(self, **changes) -> "Recipe":
-        return dataclasses.replace(self, **changes)
 
 
 _CIFAR = {

@@ -43,6 +43,8 @@ def build_model_and_data(model_args: ModelArguments, data_args: DataArguments, s
     """Resolve the dataset, build the model for its classes, and the data pipeline that matches the
     model's input config (so training transforms and the saved image processor agree)."""
     spec = resolve_dataset(data_args.dataset, data_args.image_column, data_args.label_column)
+    # The model needs the class names and the pipeline needs the model's data config; this first,
+    # validating read is answered from the datasets cache when build_datasets loads the splits again.
     class_names = load_splits(spec, max_train_samples=1, max_eval_samples=1, seed=seed)[2]
     kwargs = json.loads(model_args.model_kwargs) if model_args.model_kwargs else {}
     if spec.kind == "cifar":  # normalisation statistics of this CIFAR, stored in the saved config

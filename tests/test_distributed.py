@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from helpers import SeqESAMTrainer, TinyConvNet, make_args, make_data, train

@@ -1,7 +1,6 @@
 """ESAMTrainer against the plain Trainer and an independent hand-written SAM loop."""
 
 import json
-import os
 
 import pytest
 import torch
