@@ -11,9 +11,11 @@ torch.manual_seed(0)
 m = timm.create_model("cifar_resnet18", channels=[16,32,64,128], num_classes=10)
 x, y = torch.randn(64,3,32,32), torch.randint(0,10,(64,))
 opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-def lf(b): return F.cross_entropy(m(b[0]), b[1], reduction="none")
+def lf(b):
+    losses = F.cross_entropy(m(b[0]), b[1], reduction="none")
+    return losses.mean(), losses.detach()
 def sgd_step():
-    opt.zero_grad(set_to_none=True); lf((x,y)).mean().backward(); opt.step()
+    opt.zero_grad(set_to_none=True); lf((x,y))[0].backward(); opt.step()
 configs = {"sgd": None, "sam": ESAM(m, rho=0.05, beta=1, gamma=1), "esam": ESAM(m, rho=0.05, beta=0.6, gamma=0.5)}
 def step(e):
     if e is None: return sgd_step()

@@ -1,14 +1,16 @@
 """ESAM: Efficient Sharpness-Aware Minimization (Du et al., ICLR 2022). Depends on torch only.
 
-One step, given per-example losses l_i(w) of a batch:
-  1. ascent: forward + backward on the whole batch at w. Stochastic Weight Perturbation
-     (SWP) keeps each parameter tensor with probability beta; gradients are requested
-     for kept tensors only, so autograd skips the weight-gradient kernels of the rest.
+`ESAM.step(loss_fn, batch)` runs one step. `loss_fn(batch) -> (loss, scores)` gives the scalar
+objective on a batch (what is differentiated) and, when SDS must rank the batch, per-example
+losses `scores` [B] (detached; they only rank examples, they are never trained on):
+  1. ascent: gradient of the objective at w. Stochastic Weight Perturbation (SWP) keeps each
+     trainable tensor with probability beta; gradients are requested for kept tensors only, so
+     autograd skips the weight-gradient kernels of the rest.
   2. perturb the kept tensors by e = rho/beta * g/||g||
      (adaptive, ASAM: e = rho/beta * w^2 g / || |w| g ||).
-  3. Sharpness-sensitive Data Selection (SDS): a no-grad forward at w + e gives the
-     instance sharpness l_i(w + e) - l_i(w); keep the k = max(1, ceil(gamma B)) sharpest.
-  4. descent: forward + backward of the mean loss of those k examples at w + e.
+  3. Sharpness-sensitive Data Selection (SDS): keep k = max(1, ceil(gamma B)) examples, the ones
+     whose loss rises most from w to w + e (scores of a no-grad pass at w + e minus those at w).
+  4. descent: backward of the objective on those k examples at w + e.
   5. restore w bit-exactly from a saved copy; the caller's optimizer steps with .grad.
 
 rho = 0 is plain training; beta = gamma = 1 is SAM.
@@ -17,6 +19,7 @@ rho = 0 is plain training; beta = gamma = 1 is SAM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -65,21 +68,83 @@ def check_esam_args(rho: float, beta: float, gamma: float, bn_stats: str = "clea
 
 
 def index_batch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
-    """Select rows `index` of every tensor in `batch` whose first dimension is the batch."""
+    """Rows `index` of a batch: every tensor whose first dimension is the batch, and every list or
+    tuple of `batch_size` per-example items, inside mappings, sequences, namedtuples and dataclasses.
+
+    Lists of items are selected on the host, so they cost one device synchronisation (`index.tolist()`);
+    batches of tensors never do."""
     if isinstance(batch, torch.Tensor):
         return batch.index_select(0, index) if batch.dim() > 0 and batch.shape[0] == batch_size else batch
     if isinstance(batch, Mapping):
-        return {k: index_batch(v, index, batch_size) for k, v in batch.items()}
+        items = {key: index_batch(value, index, batch_size) for key, value in batch.items()}
+        try:
+            return type(batch)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return items
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: index_batch(getattr(batch, f.name), index, batch_size)
+                                             for f in dataclasses.fields(batch) if f.init})
     if isinstance(batch, (list, tuple)):
-        return type(batch)(index_batch(v, index, batch_size) for v in batch)
+        if _is_structure(batch, batch_size):  # e.g. (inputs, targets): select inside each element
+            items = [index_batch(value, index, batch_size) for value in batch]
+        elif len(batch) == batch_size:  # one item per example
+            items = [batch[i] for i in index.tolist()]
+        else:
+            return batch
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
+
+
+def _is_structure(seq: list | tuple, batch_size: int) -> bool:
+    """A sequence of batched parts (tensors of `batch_size` rows, or containers), not of examples."""
+    tensors = [v for v in seq if isinstance(v, torch.Tensor)]
+    containers = [v for v in seq if isinstance(v, (Mapping, list, tuple)) or dataclasses.is_dataclass(v)]
+    if not tensors:
+        return bool(containers) and len(seq) != batch_size
+    return all(t.dim() > 0 and t.shape[0] == batch_size for t in tensors)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Rows of a batch: the first dimension of its first tensor, or the length of a list of examples."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = (batch.values() if isinstance(batch, Mapping)
+              else [getattr(batch, f.name) for f in dataclasses.fields(batch)] if dataclasses.is_dataclass(batch)
+              else batch if isinstance(batch, (list, tuple)) else [])
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    for value in values:
+        if isinstance(value, (Mapping, list, tuple)) or dataclasses.is_dataclass(value):
+            return batch_size_of(value)
+    if isinstance(batch, (list, tuple)) and batch:
+        return len(batch)
+    raise ValueError(f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor")
+
+
+def _ascent_gradients(loss: torch.Tensor, kept: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    # autograd.grad leaves .grad (the accumulated descent gradients) untouched; allow_unused: a
+    # trainable tensor this forward did not use (an unused branch, a frozen-by-routing expert) simply
+    # gets no perturbation.
+    try:
+        return torch.autograd.grad(loss, kept, allow_unused=True)
+    except RuntimeError as e:
+        if "Checkpointing is not compatible" in str(e):
+            raise RuntimeError(
+                "ESAM's ascent pass takes gradients with torch.autograd.grad, which reentrant activation "
+                "checkpointing (use_reentrant=True) does not support. Use non-reentrant checkpointing: "
+                "TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}) or "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
+            ) from e
+        raise
 
 
 class ESAM:
     """Perturb-and-restore training step of ESAM (SAM with beta = gamma = 1).
 
     Args:
-        model: the module whose trainable parameters are perturbed (the unwrapped model).
+        model: the module whose trainable parameters are perturbed (the unwrapped model). The
+            trainable set is read at every step, so freezing or unfreezing layers mid-training works.
         rho: neighbourhood radius; 0 turns sharpness-awareness off.
         beta: SWP, probability that a parameter tensor is perturbed (1 = off).
         gamma: SDS, fraction of the batch used for the descent gradient (1 = off).
@@ -105,23 +170,32 @@ class ESAM:
         check_esam_args(rho, beta, gamma, bn_stats, adaptive, selection=selection)
         self.rho, self.beta, self.gamma, self.adaptive, self.bn_stats, self.eps = rho, beta, gamma, adaptive, bn_stats, eps
         self.selection = selection
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._all_params = list(model.parameters())
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # CPU generator: drawing the SWP mask never waits for the device, and the same
         # seed gives the same mask on every rank.
         self.generator = torch.Generator().manual_seed(seed)
-        self._stats: torch.Tensor | None = None  # device sums: ascent norm, sharpness, skipped
+        self._stats: torch.Tensor | None = None  # device sums: ascent norm, objective rise, skipped
         self._steps = 0
         self._kept_fraction = 0.0
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters trainable now."""
+        return [p for p in self._all_params if p.requires_grad]
 
     def k(self, batch_size: int, gamma: float | None = None) -> int:
         """Examples kept by SDS out of `batch_size`."""
         # The tolerance keeps float error from adding an example (0.6 * 5 = 3.0000000000000004).
         return max(1, math.ceil((self.gamma if gamma is None else gamma) * batch_size - 1e-9))
 
+    def needs_scores(self, gamma: float | None = None) -> bool:
+        """Whether `loss_fn` must return per-example scores: SDS ranks the batch."""
+        return self.rho > 0 and self.selection != "random" and (self.gamma if gamma is None else gamma) < 1
+
     def step(
         self,
-        loss_fn: Callable[[Any], torch.Tensor],
+        loss_fn: Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]],
         batch: Any,
         *,
         backward: Callable[[torch.Tensor], None] | None = None,
@@ -132,8 +206,11 @@ class ESAM:
         """Run one ESAM step; leaves the descent gradient accumulated in `.grad`.
 
         Args:
-            loss_fn: maps a batch (or a row subset of it) to per-example losses of shape [B].
-            batch: tensors (or dicts/tuples of them) whose first dimension is the batch.
+            loss_fn: maps a batch (or a row subset of it, see `index_batch`) to `(loss, scores)`:
+                the scalar objective and per-example losses of shape [B], detached. `scores` may
+                be None unless `needs_scores()` (SDS ranking by sharpness or loss).
+            batch: tensors (or dicts/tuples/dataclasses of them, or lists of per-example items)
+                whose first dimension is the batch.
             backward: called on the descent loss; default `loss.backward()`. Scale for
                 gradient accumulation and mixed precision here.
             no_sync: context manager factory that stops DDP from all-reducing the ascent
@@ -142,52 +219,63 @@ class ESAM:
                 survive; the direction is scale-invariant.
             gamma: this step's SDS fraction instead of `self.gamma` (for schedules).
         Returns:
-            The detached mean loss at w over the whole batch.
+            The detached objective at w.
         """
         backward = backward or torch.Tensor.backward
         gamma = self.gamma if gamma is None else gamma
-        kept = self._draw_kept() if self.rho > 0 else []
+        params = self.params
+        kept = self._draw_kept(params) if self.rho > 0 else []
         if not kept:
-            losses = loss_fn(batch)
-            backward(losses.mean())
-            return losses.detach().mean()
+            loss, _ = loss_fn(batch)
+            backward(loss)
+            return loss.detach()
 
         with no_sync() if no_sync else contextlib.nullcontext():
-            losses = loss_fn(batch)
-            loss = losses.mean()
-            # autograd.grad leaves .grad (the accumulated descent gradients) untouched.
-            grads = torch.autograd.grad(grad_scaler.scale(loss) if grad_scaler else loss, kept)
-        losses = losses.detach()
+            loss, clean_scores = loss_fn(batch)
+            scale = grad_scaler.scale(torch.ones((), device=loss.device)) if grad_scaler else None
+            grads = _ascent_gradients(loss * scale if scale is not None else loss, kept)
+        loss = loss.detach()
+        kept, grads = [p for p, g in zip(kept, grads) if g is not None], [g for g in grads if g is not None]
         backup, norm, finite = self._perturb(kept, grads)
         del grads
         try:
             with self._frozen_bn_stats():
-                batch_size, k = losses.shape[0], self.k(losses.shape[0], gamma)
+                batch_size = clean_scores.shape[0] if clean_scores is not None else batch_size_of(batch)
+                k = self.k(batch_size, gamma)
+                index, rise = None, None
                 if k < batch_size and self.selection == "random":
-                    index = torch.randperm(batch_size, device=losses.device)[:k]
-                    descent = loss_fn(index_batch(batch, index, batch_size))
-                    sharpness = descent.detach() - losses.index_select(0, index)
+                    index = torch.randperm(batch_size, device=loss.device)[:k]
                 elif k < batch_size:
                     with torch.no_grad():
-                        perturbed = loss_fn(batch).detach()
-                    sharpness = perturbed - losses
-                    score = sharpness if self.selection == "sharpness" else perturbed
+                        perturbed_loss, perturbed_scores = loss_fn(batch)
+                    rise = perturbed_loss - loss
+                    score = self._selection_score(clean_scores, perturbed_scores, batch_size)
                     index = score.topk(k, sorted=False).indices
-                    descent = loss_fn(index_batch(batch, index, batch_size))
-                else:
-                    descent = loss_fn(batch)
-                    sharpness = descent.detach() - losses
-                backward(descent.mean())
+                descent, _ = loss_fn(batch if index is None else index_batch(batch, index, batch_size))
+                backward(descent)
         finally:
             self._restore(kept, backup)
-        self._record(norm, finite, sharpness, len(kept))
-        return losses.mean()
+        # Rise of the objective from w to w + e; under random selection estimated on the subset.
+        rise = descent.detach() - loss if rise is None else rise
+        self._record(norm if scale is None else norm / scale, finite, rise, len(kept) / len(params))
+        return loss
 
-    def _draw_kept(self) -> list[torch.Tensor]:
+    def _selection_score(self, clean, perturbed, batch_size):
+        for name, scores in (("at w", clean), ("at w + e", perturbed)):
+            if scores is None or tuple(scores.shape) != (batch_size,):
+                got = "None" if scores is None else f"shape {tuple(scores.shape)}"
+                raise ValueError(
+                    f"SDS selection {self.selection!r} ranks examples by their losses, but loss_fn returned "
+                    f"per-example scores {got} {name} for a batch of {batch_size}: return (loss, scores) with "
+                    "scores of shape [B], or use selection='random' (no scores needed) or gamma=1."
+                )
+        return perturbed - clean if self.selection == "sharpness" else perturbed
+
+    def _draw_kept(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.beta == 1:
-            return self.params
-        mask = torch.rand(len(self.params), generator=self.generator) < self.beta
-        return [p for p, keep in zip(self.params, mask.tolist()) if keep]
+            return params
+        mask = torch.rand(len(params), generator=self.generator) < self.beta
+        return [p for p, keep in zip(params, mask.tolist()) if keep]
 
     def _views(self, flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
@@ -197,8 +285,11 @@ class ESAM:
         # One flat buffer makes the norm, the finite check and the scaling single kernels,
         # and lets a non-finite gradient become e = 0 without a host sync (inf * 0 = NaN
         # has no foreach cure; nan_to_num on the flat buffer is one kernel).
+        if not kept:
+            return None, torch.zeros(()), torch.ones((), dtype=torch.bool)
         backup = torch.cat([p.reshape(-1) for p in kept])
-        g = torch.cat([g.reshape(-1) for g in grads]).to(backup.dtype)
+        # Sparse gradients (nn.Embedding(sparse=True)) perturb densely: e is a dense direction.
+        g = torch.cat([(g if g.layout == torch.strided else g.to_dense()).reshape(-1) for g in grads]).to(backup.dtype)
         if self.adaptive:  # norm of |w| g; e along w^2 g
             w_abs = backup.abs()
             g.mul_(w_abs)
@@ -213,7 +304,8 @@ class ESAM:
 
     @torch.no_grad()
     def _restore(self, kept, backup):
-        torch._foreach_copy_(kept, self._views(backup, kept))
+        if kept:
+            torch._foreach_copy_(kept, self._views(backup, kept))
 
     @contextlib.contextmanager
     def _frozen_bn_stats(self):
@@ -228,20 +320,24 @@ class ESAM:
             for m in modules:
                 m.track_running_stats = True
 
-    def _record(self, norm, finite, sharpness, num_kept):
-        step_stats = torch.stack([torch.where(finite, norm, 0.0), sharpness.float().mean(), (~finite).float()])
+    def _record(self, norm, finite, rise, kept_fraction):
+        norm, rise = norm.to(rise.device, torch.float32), rise.float()
+        step_stats = torch.stack([torch.where(finite.to(rise.device), norm, 0.0), rise, (~finite).float().to(rise.device)])
         self._stats = step_stats if self._stats is None else self._stats + step_stats
         self._steps += 1
-        self._kept_fraction += num_kept / len(self.params)
+        self._kept_fraction += kept_fraction
 
     def pop_stats(self) -> dict[str, float]:
-        """Means since the last call (one host sync: call it at logging steps only)."""
+        """Means over the steps since the last call (one host sync: call it at logging steps only):
+        the ascent gradient norm, the rise of the objective from w to w + e, the fraction of
+        trainable tensors SWP perturbed, and the count of perturbations skipped because the ascent
+        gradient was not finite."""
         if not self._steps:
             return {}
-        norm_sum, sharpness_sum, skipped = self._stats.tolist()
+        norm_sum, rise_sum, skipped = self._stats.tolist()
         stats = {
             "esam/ascent_grad_norm": norm_sum / max(1, self._steps - skipped),
-            "esam/sharpness": sharpness_sum / self._steps,
+            "esam/sharpness": rise_sum / self._steps,
             "esam/swp_kept_fraction": self._kept_fraction / self._steps,
             "esam/skipped_perturbations": skipped,
         }

@@ -1,10 +1,112 @@
-"""Per-example losses: SDS ranks examples, so the trainer needs one loss per example,
-not the mean loss a Hugging Face model returns."""
+"""Per-example losses: SDS ranks the examples of a batch, so it needs one loss per example, not the
+mean a Hugging Face model returns. They only rank; what is trained is always the Trainer's loss.
+
+Which loss a model trains is read from what the model declares, not from its wrapper's class name:
+transformers' `loss_type` (the key of `transformers.loss.loss_utils.LOSS_MAPPING`, also found on a
+subclass's bases), `config.is_encoder_decoder` and `config.problem_type`, after unwrapping DDP,
+`torch.compile` and PEFT.
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
+
+# transformers' loss types -> the head whose per-example loss ranks examples.
+_HEADS_BY_LOSS_TYPE = {
+    "ForCausalLM": "causal_lm",
+    "ForConditionalGeneration": "causal_lm",  # seq2seq_lm when config.is_encoder_decoder
+    "ForMaskedLM": "masked_lm",
+    "ForTokenClassification": "token_classification",
+    "ForSequenceClassification": "classification",
+    "ForImageClassification": "classification",
+    "ForVideoClassification": "classification",
+    "ForAudioClassification": "classification",
+}
+_LOSS_TYPE = re.compile("|".join(_HEADS_BY_LOSS_TYPE))
+HEADS = ("classification", "token_classification", "masked_lm", "causal_lm", "seq2seq_lm")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP / DataParallel, `torch.compile` and PEFT wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            inner = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            inner = model.module
+        elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
+            inner = model.get_base_model()
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+def model_head(model: torch.nn.Module) -> str | None:
+    """The head a model's own loss trains (one of HEADS), or None if it declares none we know.
+
+    A transformers model names its loss in `loss_type` (a subclass named otherwise finds it on its
+    bases); a generative model without one uses transformers' default, the causal-LM loss. Plain
+    modules may declare `config.problem_type`.
+    """
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    loss_type = getattr(model, "loss_type", None) or next(
+        (m.group(0) for cls in type(model).__mro__ if (m := _LOSS_TYPE.search(cls.__name__))), None)
+    head = _HEADS_BY_LOSS_TYPE.get(loss_type)
+    if head is None and loss_type is None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+        head = "causal_lm"
+    if head == "causal_lm" and getattr(config, "is_encoder_decoder", False):
+        head = "seq2seq_lm"  # decoder labels are aligned with the decoder's outputs: no shift
+    if head is None and getattr(config, "problem_type", None) in PROBLEM_TYPES:
+        head = "classification"
+    return head
+
+
+def problem_type(config: Any, logits: torch.Tensor, labels: torch.Tensor) -> str:
+    """`config.problem_type`, or what transformers' classification loss infers when it is unset."""
+    declared = getattr(config, "problem_type", None)
+    if declared in PROBLEM_TYPES:
+        return declared
+    if getattr(config, "num_labels", logits.shape[-1]) == 1:
+        return "regression"
+    return "single_label_classification" if not labels.is_floating_point() else "multi_label_classification"
+
+
+def per_example_scores(head: str, outputs: Any, inputs: Mapping, config: Any = None,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-example losses [B] of a `head` (see `model_head`) from a model's outputs and its inputs."""
+    logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
+    labels = inputs.get("labels")
+    if logits is None or labels is None:
+        missing = "logits in the model's outputs" if logits is None else "`labels` in the batch"
+        raise ValueError(f"per-example losses for SDS need {missing}; pass per_example_loss_func=(outputs, labels) "
+                         "-> Tensor[B] to ESAMTrainer, or train with esam_selection='random' or esam_gamma=1.")
+    logits = logits.detach()
+    if logits.dtype in (torch.float16, torch.bfloat16):  # rank on float32 losses: half precision ties too often
+        logits = logits.float()
+    if head == "causal_lm":
+        if inputs.get("shift_labels") is not None:  # collators that shift themselves (padding-free)
+            return per_example_loss(logits, inputs["shift_labels"], label_smoothing)
+        return per_example_loss(logits, labels, label_smoothing, shift_labels=True)
+    if head in ("seq2seq_lm", "masked_lm", "token_classification"):
+        return per_example_loss(logits, labels, label_smoothing)
+    if head == "classification":
+        kind = problem_type(config, logits, labels)
+        if kind == "single_label_classification":
+            return per_example_loss(logits, labels, label_smoothing)
+        batch = logits.shape[0]
+        if kind == "multi_label_classification":
+            losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        else:
+            losses = F.mse_loss(logits.reshape(batch, -1), labels.to(logits.dtype).reshape(batch, -1), reduction="none")
+        return losses.reshape(batch, -1).mean(dim=1)
+    raise ValueError(f"unknown head {head!r}; one of {HEADS}")
 
 
 def per_example_loss(

@@ -9,10 +9,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, SELECTIONS, check_esam_args, scheduled_gamma
-from .losses import per_example_loss
+from .losses import model_head, per_example_scores, unwrap_model
 
 ESAM_STATE_NAME = "esam_state.pt"
 
@@ -63,13 +62,19 @@ def esam_config(args: TrainingArguments, prefix: bool = True) -> dict[str, Any]:
 class ESAMTrainer(Trainer):
     """`Trainer` whose `training_step` is an ESAM step (SAM with beta = gamma = 1).
 
+    The objective is the Trainer's own loss: both passes differentiate exactly what
+    `Trainer.training_step` would (`compute_loss` with its overrides and `compute_loss_func`, the
+    model's loss with its auxiliary terms, label smoothing, `num_items_in_batch` token weighting and
+    the gradient-accumulation scaling). SDS descends on k of B examples with the same loss on
+    those k, normalised as the Trainer normalises a batch (per label token for token-level losses).
+
     Args:
-        per_example_loss_func: optional `(outputs, labels) -> Tensor[B]` for models whose
-            outputs `esam_hf.per_example_loss` does not cover. Every other argument is
-            `Trainer`'s.
+        per_example_loss_func: optional `(outputs, labels) -> Tensor[B]` giving the per-example
+            losses that SDS ranks, for heads `esam_hf.losses.per_example_scores` does not cover.
+            Only used to rank examples (never differentiated). Every other argument is `Trainer`'s.
     """
 
-    def __init__(self, *args, per_example_loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None, **kwargs):
+    def __init__(self, *args, per_example_loss_func: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.n_gpu > 1:
             raise ValueError(
@@ -77,15 +82,30 @@ class ESAMTrainer(Trainer):
                 "`torchrun`); DeepSpeed, FSDP and single-process DataParallel are not supported: ESAM "
                 "perturbs and restores whole parameters between two backward passes."
             )
-        check_esam_args(**esam_config(self.args, prefix=False), prefix="esam_")
+        config = esam_config(self.args, prefix=False)
+        check_esam_args(**config, prefix="esam_")
+        if config["rho"] > 0 and self.args.ddp_static_graph:
+            raise ValueError(
+                "ddp_static_graph=True is not supported by ESAMTrainer at esam_rho > 0: the ascent pass runs "
+                "outside DDP's gradient synchronisation and SWP changes which weight gradients are computed "
+                "from step to step, so the graph is not static. Leave ddp_static_graph unset."
+            )
+        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ESAMTrainer: its ascent "
+                "pass takes gradients with torch.autograd.grad, which reentrant checkpointing cannot do. Use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
+            )
         self.per_example_loss_func = per_example_loss_func
         self.esam: ESAM | None = None
+        self._head = model_head(self.model)  # the loss the model trains: how SDS scores its examples
 
     def _get_esam(self) -> ESAM:
         if self.esam is None:
             c = esam_config(self.args, prefix=False)
             self.esam = ESAM(self.model, rho=c["rho"], beta=c["beta"], gamma=c["gamma"], adaptive=c["adaptive"],
                              bn_stats=c["bn_stats"], selection=c["selection"], seed=self.args.seed)
+            self._head = model_head(self.model)
         return self.esam
 
     def train(self, *args, **kwargs):
@@ -100,26 +120,67 @@ class ESAMTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        if "labels" not in inputs:
-            raise ValueError(f"ESAMTrainer needs `labels` in every batch to compute per-example losses; got keys {sorted(inputs)}.")
-        features = {k: v for k, v in inputs.items() if k != "labels"}
-        accumulation_steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        with_scores = esam.needs_scores()  # from step 0, so a model SDS cannot rank fails before any update
+        # The Trainer's count of label tokens in this micro-batch, for normalising SDS subsets.
+        count = self._label_count(inputs) if num_items_in_batch is not None else None
 
         def loss_fn(batch):
-            features, labels = batch
-            with self.compute_loss_context_manager():
-                outputs = model(**features)
-            return self.compute_per_example_loss(model, outputs, labels)
+            items = num_items_in_batch
+            if count is not None and batch is not inputs:  # an SDS subset: per label token, as a batch
+                items = num_items_in_batch * (self._label_count(batch).clamp_min(1) / count.clamp_min(1))
+            loss, outputs = self.training_loss(model, batch, items)
+            return loss, self.compute_per_example_loss(outputs, batch) if with_scores else None
 
-        loss = esam.step(
-            loss_fn,
-            (features, inputs["labels"]),
-            backward=lambda loss: self.accelerator.backward(loss / accumulation_steps),
+        return esam.step(
+            loss_fn, inputs,
+            backward=self.accelerator.backward,
             no_sync=lambda: self.accelerator.no_sync(model),
             grad_scaler=self.accelerator.scaler,
             gamma=self.current_gamma(),
         )
-        return loss / accumulation_steps
+
+    def training_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> tuple[torch.Tensor, Any]:
+        """`(loss, outputs)`: the loss `Trainer.training_step` differentiates on `inputs`, i.e.
+        `compute_loss` scaled for gradient accumulation as the Trainer scales it."""
+        with self.compute_loss_context_manager():
+            # compute_loss pops `labels` when it computes the loss itself: give it its own dict.
+            result = self.compute_loss(model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.2x lets subclasses declare it
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss, outputs
+
+    def compute_per_example_loss(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """Per-example losses [B] that SDS ranks (no gradient): `per_example_loss_func` if given, else
+        the loss of the model's head (`esam_hf.losses.per_example_scores`) with `label_smoothing_factor`."""
+        if outputs is None:
+            raise ValueError(
+                "compute_loss returned no outputs with return_outputs=True, so SDS cannot rank the examples: "
+                "return (loss, outputs) from your compute_loss, pass per_example_loss_func=, or train with "
+                "esam_selection='random' or esam_gamma=1."
+            )
+        with torch.no_grad():
+            if self.per_example_loss_func is not None:
+                return self.per_example_loss_func(outputs, inputs.get("labels")).detach()
+            if self._head is None:
+                raise ValueError(
+                    f"ESAMTrainer cannot tell which loss {type(unwrap_model(self.model)).__name__} trains (no "
+                    "transformers loss_type or config.problem_type), so SDS cannot rank its examples. Pass "
+                    "per_example_loss_func=(outputs, labels) -> Tensor[B] to ESAMTrainer, or train with "
+                    "esam_selection='random' or esam_gamma=1."
+                )
+            config = getattr(unwrap_model(self.model), "config", None)
+            return per_example_scores(self._head, outputs, inputs, config, self.args.label_smoothing_factor)
+
+    def _label_count(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Label tokens in `inputs`, counted as the Trainer counts `num_items_in_batch`."""
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs["labels"][..., 1:] if self._head == "causal_lm" else inputs["labels"]
+        return labels.ne(-100).sum()
 
     def current_gamma(self) -> float:
         """SDS fraction for this step: `esam_gamma`, or on its warm-up schedule. A function of
@@ -128,28 +189,14 @@ class ESAMTrainer(Trainer):
         progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 1.0
         return scheduled_gamma(c["gamma"], progress, c["gamma_warmup"], c["gamma_schedule"])
 
-    def compute_per_example_loss(self, model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of each example, shape [B]: `per_example_loss_func` if given, else cross-entropy
-        on the logits with `label_smoothing_factor` (labels shifted for causal LMs)."""
-        if self.per_example_loss_func is not None:
-            return self.per_example_loss_func(outputs, labels)
-        if isinstance(outputs, torch.Tensor):
-            logits = outputs
-        elif isinstance(outputs, dict) and "logits" in outputs:
-            logits = outputs["logits"]
-        elif isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-            logits = outputs[0]
-        else:
-            raise ValueError(
-                f"Cannot find logits in the model's output of type {type(outputs).__name__}; pass "
-                "`per_example_loss_func=(outputs, labels) -> Tensor[B]` to ESAMTrainer."
-            )
-        causal_lm = type(self.accelerator.unwrap_model(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-        return per_example_loss(logits, labels, self.args.label_smoothing_factor, shift_labels=causal_lm)
-
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.esam is not None and "loss" in logs:
-            logs.update(self.esam.pop_stats())
+            stats = self.esam.pop_stats()
+            # Per micro-batch, the norm and the rise are those of its share of the accumulated loss.
+            for key in ("esam/ascent_grad_norm", "esam/sharpness"):
+                if key in stats:
+                    stats[key] *= self.args.gradient_accumulation_steps
+            logs.update(stats)
         super().log(logs, *args, **kwargs)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,

@@ -12,9 +12,13 @@ batchnorm = mode == "esam"
 overrides = dict(per_device_train_batch_size=8, max_steps=3)
 if mode == "rho0":
     overrides["esam_rho"] = 0.0
+elif mode == "unused":  # a trainable tensor the forward never uses, always kept by SWP (beta 1)
+    overrides.update(esam_beta=1.0, ddp_find_unused_parameters=True)
 else:
     overrides["esam_gamma_warmup"] = 0.5  # k changes from step to step: ranks must agree on it
 model = TinyConvNet(batchnorm=batchnorm)
+if mode == "unused":
+    model.unused = torch.nn.Parameter(torch.zeros(3))
 sizes = []
 model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
 trainer = train(SeqESAMTrainer, model, make_args(f"{out_dir}/run", **overrides), make_data(64))

@@ -56,3 +56,12 @@ def test_rho_zero_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     for k, v in single.state_dict().items():
         torch.testing.assert_close(r0["state"][k], v, atol=1e-6, rtol=1e-5, msg=k)
         assert torch.equal(r0["state"][k], r1["state"][k])
+
+
+def test_ddp_with_a_trainable_tensor_unused_in_the_forward(tmp_path):
+    r0, r1 = run_two_processes(tmp_path, "unused")
+    assert r0["world_size"] == 2
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+    assert torch.equal(r0["state"]["unused"], torch.zeros(3))
+    assert not torch.equal(r0["state"]["head.weight"], TinyConvNet(batchnorm=False).state_dict()["head.weight"])

@@ -1,11 +1,15 @@
 """The torch-only core against independent hand-written references."""
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from transformers.modeling_outputs import ImageClassifierOutput
 
 from esam_hf import ESAM
 from esam_hf.esam import check_esam_args
@@ -23,7 +27,8 @@ def loss_fn_for(model, seen=None):
         x, y = b
         if seen is not None:
             seen.append(x.detach().clone())
-        return F.cross_entropy(model(x).logits, y, reduction="none")
+        losses = F.cross_entropy(model(x).logits, y, reduction="none")
+        return losses.mean(), losses.detach()
     return loss_fn
 
 
@@ -199,7 +204,8 @@ def test_non_finite_ascent_gradient_skips_the_perturbation():
         logits = model(b[0]).logits
         if len(calls) == 1:
             logits = InfGrad.apply(logits)
-        return F.cross_entropy(logits, b[1], reduction="none")
+        losses = F.cross_entropy(logits, b[1], reduction="none")
+        return losses.mean(), losses.detach()
 
     esam = ESAM(model, rho=0.5, beta=1.0, gamma=1.0)
     esam.step(loss_fn, (x, y))
@@ -237,9 +243,9 @@ def test_rho_zero_is_one_plain_forward_backward():
 
 def test_state_dict_round_trip_continues_the_swp_draws():
     a, b = ESAM(TinyConvNet(), seed=5), ESAM(TinyConvNet(), seed=99)
-    a._draw_kept()
+    a._draw_kept(a.params)
     b.load_state_dict(a.state_dict())
-    assert [p.shape for p in a._draw_kept()] == [p.shape for p in b._draw_kept()]
+    assert [p.shape for p in a._draw_kept(a.params)] == [p.shape for p in b._draw_kept(b.params)]
 
 
 @pytest.mark.parametrize(
@@ -316,3 +322,166 @@ def test_random_selection_skips_the_selection_pass_and_draws_from_torch_rng():
         assert [s.shape[0] for s in seen] == [16, 4]  # no no-grad forward
         subsets.append({next(i for i in range(16) if torch.equal(x[i], row)) for row in seen[1]})
     assert subsets[0] == subsets[1] != subsets[2]
+
+
+# --------------------------------------------------------------------------- #
+# Robustness: models, batches and training set-ups the step must survive
+# --------------------------------------------------------------------------- #
+def test_a_trainable_tensor_unused_in_the_forward_stays_unperturbed():
+    model = TinyConvNet()
+    model.unused = torch.nn.Parameter(torch.ones(3))  # e.g. a branch this batch does not take
+    params = {"unused": model.unused, "used": model.head.weight}
+    seen = []
+
+    def loss_fn(b):
+        seen.append({k: p.detach().clone() for k, p in params.items()})
+        return loss_fn_for(model)(b)
+
+    ESAM(model, rho=0.5, beta=1.0, gamma=1.0).step(loss_fn, batch())
+    clean, perturbed = seen
+    assert torch.equal(perturbed["unused"], clean["unused"])
+    assert not torch.equal(perturbed["used"], clean["used"])
+    assert model.unused.grad is None and model.head.weight.grad is not None
+
+
+def test_trainable_set_follows_requires_grad_changed_after_construction():
+    model = TinyConvNet()
+    model.head.weight.requires_grad_(False)  # frozen before ESAM is built, unfrozen later
+    esam = ESAM(model, rho=0.5, beta=1.0, gamma=1.0)
+    model.head.weight.requires_grad_(True)
+    model.body[0].weight.requires_grad_(False)  # a callback freezing a layer mid-training
+    params = {"head": model.head.weight, "conv": model.body[0].weight}
+    seen = []
+
+    def loss_fn(b):
+        seen.append({k: p.detach().clone() for k, p in params.items()})
+        return loss_fn_for(model)(b)
+
+    esam.step(loss_fn, batch())
+    clean, perturbed = seen
+    assert not torch.equal(perturbed["head"], clean["head"])  # unfrozen: perturbed
+    assert torch.equal(perturbed["conv"], clean["conv"])  # frozen: left alone
+    assert model.body[0].weight.grad is None and model.head.weight.grad is not None
+
+
+class Pair(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclasses.dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    names: list
+
+
+@pytest.mark.parametrize("kind", ["dict_with_list", "tuple_with_list", "namedtuple", "dataclass"])
+def test_sds_subsets_every_per_example_part_of_a_batch(kind):
+    x, y = batch(n=12)
+    names = [f"example-{i}" for i in range(12)]
+    make = {
+        "dict_with_list": lambda: {"x": x, "y": y, "names": names},
+        "tuple_with_list": lambda: (x, y, names),
+        "namedtuple": lambda: Pair(x, y),
+        "dataclass": lambda: Batch(x, y, names),
+    }[kind]
+    parts = {
+        "dict_with_list": lambda b: (b["x"], b["y"], b["names"]),
+        "tuple_with_list": lambda b: b,
+        "namedtuple": lambda b: (b.x, b.y, None),
+        "dataclass": lambda b: (b.x, b.y, b.names),
+    }[kind]
+    model = TinyConvNet()
+    seen = []
+
+    def loss_fn(b):
+        bx, by, bnames = parts(b)
+        assert type(b) is type(make())
+        seen.append((bx, by, bnames))
+        losses = F.cross_entropy(model(bx).logits, by, reduction="none")
+        return losses.mean(), losses.detach()
+
+    ESAM(model, rho=0.5, beta=1.0, gamma=0.5).step(loss_fn, make())
+    sx, sy, snames = seen[-1]
+    rows = [next(i for i in range(12) if torch.equal(x[i], r)) for r in sx]
+    assert len(rows) == 6 and torch.equal(sy, y[rows])
+    if snames is not None:
+        assert snames == [names[i] for i in rows]
+
+
+def test_logged_ascent_norm_is_unscaled_by_the_fp16_loss_scale():
+    x, y = batch()
+    norms = {}
+    for name, scaler in (("plain", None), ("scaled", torch.amp.GradScaler("cpu", init_scale=1024.0))):
+        model = TinyConvNet()
+        esam = ESAM(model, rho=0.05, beta=1.0, gamma=1.0)
+        esam.step(loss_fn_for(model), (x, y), grad_scaler=scaler,
+                  backward=(lambda l: scaler.scale(l).backward()) if scaler else None)
+        norms[name] = esam.pop_stats()["esam/ascent_grad_norm"]
+    ref = TinyConvNet()
+    grads = torch.autograd.grad(F.cross_entropy(ref(x).logits, y), list(ref.parameters()))
+    expected = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+    assert math.isclose(norms["plain"], expected, rel_tol=1e-5)
+    assert math.isclose(norms["scaled"], expected, rel_tol=1e-5)
+
+
+class CheckpointedNet(TinyConvNet):
+    def __init__(self, use_reentrant):
+        super().__init__(batchnorm=False)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, pixel_values, labels=None):
+        from torch.utils.checkpoint import checkpoint
+
+        # The first layer stays outside, so the checkpointed part's input requires grad (as
+        # transformers arranges with enable_input_require_grads).
+        features = checkpoint(self.body[1:], self.body[0](pixel_values), use_reentrant=self.use_reentrant)
+        return ImageClassifierOutput(logits=self.head(features))
+
+
+def test_reentrant_activation_checkpointing_gets_a_clear_error_and_non_reentrant_matches_plain():
+    x, y = batch()
+    model = CheckpointedNet(use_reentrant=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        ESAM(model, rho=0.1, beta=1.0, gamma=1.0).step(loss_fn_for(model), (x, y))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    checkpointed, plain = CheckpointedNet(use_reentrant=False), TinyConvNet(batchnorm=False)
+    for m in (checkpointed, plain):
+        ESAM(m, rho=0.1, beta=1.0, gamma=0.5).step(loss_fn_for(m), (x, y))
+    for a, b in zip(checkpointed.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_sparse_embedding_gradients_match_a_hand_written_sam_step():
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 20, (8, 5)), torch.randint(0, 3, (8,))
+
+    def build():
+        torch.manual_seed(1)
+        return torch.nn.ModuleDict({"emb": torch.nn.Embedding(20, 6, sparse=True), "head": torch.nn.Linear(6, 3)})
+
+    def forward(m, ids):
+        return m["head"](m["emb"](ids).mean(1))
+
+    model = build()
+
+    def loss_fn(b):
+        losses = F.cross_entropy(forward(model, b[0]), b[1], reduction="none")
+        return losses.mean(), losses.detach()
+
+    ESAM(model, rho=0.2, beta=1.0, gamma=1.0).step(loss_fn, (ids, y))
+    assert model["emb"].weight.grad.is_sparse
+
+    ref = build()
+    params = list(ref.parameters())
+    grads = [g.to_dense() for g in torch.autograd.grad(F.cross_entropy(forward(ref, ids), y), params)]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(0.2 * g / norm)
+    F.cross_entropy(forward(ref, ids), y).backward()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.to_dense(), r.grad.to_dense())

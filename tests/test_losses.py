@@ -44,5 +44,5 @@ def test_trainer_honours_label_smoothing_factor(tmp_path):
     trainer = ESAMTrainer(model=TinyConvNet(), args=make_args(tmp_path, label_smoothing_factor=0.2),
                           train_dataset=make_data(16))
     logits, labels = torch.randn(4, 4), torch.tensor([0, 1, 2, 3])
-    got = trainer.compute_per_example_loss(trainer.model, {"logits": logits}, labels)
+    got = trainer.compute_per_example_loss({"logits": logits}, {"labels": labels})
     torch.testing.assert_close(got, F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.2))

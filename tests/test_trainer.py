@@ -133,7 +133,8 @@ def test_per_example_loss_func_hook_is_used(tmp_path):
 def test_model_without_logits_gets_a_clear_error(tmp_path):
     class NoLogits(TinyConvNet):
         def forward(self, pixel_values, labels=None):
-            return {"features": self.body(pixel_values)}
+            logits = self.head(self.body(pixel_values))
+            return {"loss": F.cross_entropy(logits, labels), "features": logits}
 
     with pytest.raises(ValueError, match="per_example_loss_func"):
         train(SeqESAMTrainer, NoLogits(), make_args(tmp_path, max_steps=1), make_data(16))
@@ -259,42 +260,45 @@ def test_gamma_warmup_schedule_gives_the_documented_k(tmp_path, schedule, expect
     assert descent_sizes == expected
 
 
-def test_causal_lm_sam_matches_reference_on_the_models_own_loss(tmp_path):
-    # Token-level logits [B, T, V]: the per-sequence mean with shifted labels averages to the model's
-    # own (shifted) mean loss when every sequence has the same length, so the model's loss is an
-    # independent reference for a hand-written SAM step.
+def test_ddp_static_graph_is_refused_up_front(tmp_path):
+    with pytest.raises(ValueError, match="ddp_static_graph"):
+        ESAMTrainer(model=TinyConvNet(), args=make_args(tmp_path, ddp_static_graph=True), train_dataset=make_data(16))
+    ESAMTrainer(model=TinyConvNet(), args=make_args(tmp_path, ddp_static_graph=True, esam_rho=0.0),
+                train_dataset=make_data(16))  # plain training: DDP's static graph is fine
+
+
+def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (32, 12), generator=g)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+
+
+def test_gradient_checkpointing_trains_as_without_and_reentrant_is_refused(tmp_path):
+    ids = torch.randint(0, 50, (32, 12), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(32)]
+    with pytest.raises(ValueError, match="use_reentrant"):
+        ESAMTrainer(model=_tiny_gpt2(), args=make_args(tmp_path, gradient_checkpointing=True,
+                                                       gradient_checkpointing_kwargs={"use_reentrant": True}))
+    models = {}
+    for checkpointing in (False, True):
+        models[checkpointing] = _tiny_gpt2()
+        train(SeqESAMTrainer, models[checkpointing], make_args(tmp_path / str(checkpointing), per_device_train_batch_size=8,
+                                                               max_steps=3, gradient_checkpointing=checkpointing), data)
+    for (name, a), b in zip(models[True].named_parameters(), models[False].parameters()):
+        torch.testing.assert_close(a, b, msg=name)
 
-    def fresh():
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(config)
 
-    model = fresh()
-    args = make_args(tmp_path, esam_rho=0.05, esam_beta=1.0, esam_gamma=1.0, per_device_train_batch_size=8, max_steps=3)
-    train(SeqESAMTrainer, model, args, data)
+def test_a_callback_freezing_a_layer_mid_training(tmp_path):
+    from transformers import TrainerCallback
 
-    ref = fresh()
-    params = [p for p in ref.parameters() if p.requires_grad]
-    optimizer = sgd(ref)
-    for step in range(3):
-        x = ids[step * 8:(step + 1) * 8]
-        grads = torch.autograd.grad(ref(input_ids=x, labels=x).loss, params)
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, g_ in zip(params, grads):
-                p.add_(0.05 * g_ / (norm + 1e-12))
-        ref(input_ids=x, labels=x).loss.backward()
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        optimizer.step()
-        optimizer.zero_grad()
-    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    class FreezeHeadAt2(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                model.head.weight.requires_grad_(False)
+                self.frozen = model.head.weight.detach().clone()
+
+    model, callback = TinyConvNet(), FreezeHeadAt2()
+    train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=4), make_data(64), callbacks=[callback])
+    assert torch.equal(model.head.weight, callback.frozen)
