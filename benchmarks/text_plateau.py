@@ -4,7 +4,8 @@ A 3-class keyword task (the class is which of three keyword tokens a sequence ho
 random-initialised BERT, trained like the transformers `run_classification.py` example (AdamW,
 lr 3e-3, linear decay, batch 32). Every variant is one `ESAMTrainer` run on the same data, seed and
 initial weights; reported: the first step at which the training loss (mean of 8 steps) falls below
-0.9 (ln 3 = 1.10 is the plateau) and the final training loss.
+0.9 (ln 3 = 1.10 is the plateau), the final training loss, and how concentrated on one class the
+rows SDS keeps are (`esam/sds_top_class_share`, against `esam/batch_top_class_share`).
 
     python benchmarks/text_plateau.py [--steps 171] [--seeds 0,1,2] [--out benchmarks/results/text_plateau.json]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 
 import torch
 import transformers
@@ -25,14 +27,18 @@ VOCAB, LENGTH, KEYWORDS = 100, 16, (3, 4, 5)
 
 VARIANTS = {
     "plain (rho 0)": {"esam_rho": 0.0},
-    "plain, batch 16": {"esam_rho": 0.0, "per_device_train_batch_size": 16},
+    "plain batch 16": {"esam_rho": 0.0, "per_device_train_batch_size": 16},
     "SAM": {"esam_beta": 1.0, "esam_gamma": 1.0},
     "SWP only (gamma 1)": {"esam_gamma": 1.0},
     "ESAM defaults": {},
     "SDS only (beta 1)": {"esam_beta": 1.0},
     "random half": {"esam_beta": 1.0, "esam_selection": "random"},
-    "random half, rho 1e-9": {"esam_rho": 1e-9, "esam_beta": 1.0, "esam_selection": "random"},
-    "SDS only, lr 1e-2": {"esam_beta": 1.0, "learning_rate": 1e-2},
+    "random half rho 1e-9": {"esam_rho": 1e-9, "esam_beta": 1.0, "esam_selection": "random"},
+    "SDS only lr 1e-2": {"esam_beta": 1.0, "learning_rate": 1e-2},
+    "random half beta 0.6": {"esam_selection": "random"},
+    "SDS by loss (beta 1)": {"esam_beta": 1.0, "esam_selection": "loss"},
+    "SDS only rho 0.005": {"esam_beta": 1.0, "esam_rho": 0.005},
+    "ESAM gamma warm-up 30%": {"esam_gamma_warmup": 0.3},
 }
 
 
@@ -60,18 +66,27 @@ class LossCurve(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.losses.append((state.global_step, logs["loss"], logs.get("esam/sharpness"), logs.get("grad_norm")))
+            self.losses.append({"step": state.global_step, "loss": logs["loss"],
+                                **{k: v for k, v in logs.items() if k.startswith("esam/")}})
 
 
 def run(variant: dict, steps: int, seed: int, data: list[dict], out_dir: str) -> dict:
-    args = ESAMTrainingArguments(
-        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=3e-3,
-        lr_scheduler_type="linear", logging_steps=8, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=seed, dataloader_num_workers=0, **variant)
+    settings = dict(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=32, learning_rate=3e-3,
+                    lr_scheduler_type="linear", logging_steps=8, save_strategy="no", report_to="none", use_cpu=True,
+                    disable_tqdm=True, seed=seed, dataloader_num_workers=0)
+    args = ESAMTrainingArguments(**{**settings, **variant})
     curve = LossCurve()
     ESAMTrainer(model=tiny_bert(seed), args=args, train_dataset=data, callbacks=[curve]).train()
-    below = next((step for step, loss, _, _ in curve.losses if loss < 0.9), None)
-    return {"first_step_below_0.9": below, "final_loss": curve.losses[-1][1], "curve": curve.losses}
+    below = next((log["step"] for log in curve.losses if log["loss"] < 0.9), None)
+    early = [log for log in curve.losses if log["step"] <= 64 and "esam/sds_top_class_share" in log]
+    shares = {key: statistics.fmean(log[f"esam/{key}"] for log in early) if early else None
+              for key in ("batch_top_class_share", "sds_top_class_share")}
+    return {"first_step_below_0.9": below, "final_loss": curve.losses[-1]["loss"], **shares, "curve": curve.losses}
+
+
+def _mean(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.fmean(values):.2f}" if values else "-"
 
 
 def main(argv=None):
@@ -84,7 +99,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     data = keyword_task(2048, seed=0)
     results = {}
-    import tempfile
+    print(f"| variant | first step with loss < 0.9 (seeds {args.seeds}) | final loss | top-class share, batch | "
+          "top-class share, SDS rows (first 64 steps) |\n|---|---|---|---|---|")
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants.split(","):
@@ -92,7 +108,9 @@ def main(argv=None):
             results[name] = runs
             firsts = [r["first_step_below_0.9"] for r in runs]
             print(f"| {name} | {', '.join(str(f) if f is not None else '-' for f in firsts)} | "
-                  f"{statistics.fmean(r['final_loss'] for r in runs):.3f} |", flush=True)
+                  f"{statistics.fmean(r['final_loss'] for r in runs):.3f} | "
+                  f"{_mean(r['batch_top_class_share'] for r in runs)} | {_mean(r['sds_top_class_share'] for r in runs)} |",
+                  flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"steps": args.steps, "variants": {k: VARIANTS[k] for k in results}, "results": results}, f, indent=1)

@@ -178,6 +178,7 @@ class ESAM:
         self._stats: torch.Tensor | None = None  # device sums: ascent norm, objective rise, skipped
         self._steps = 0
         self._kept_fraction = 0.0
+        self.last_selection: torch.Tensor | None = None  # rows SDS kept in the last step (None: all)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -228,6 +229,7 @@ class ESAM:
         if not kept:
             loss, _ = loss_fn(batch)
             backward(loss)
+            self.last_selection = None
             return loss.detach()
 
         with no_sync() if no_sync else contextlib.nullcontext():
@@ -258,6 +260,7 @@ class ESAM:
         # Rise of the objective from w to w + e; under random selection estimated on the subset.
         rise = descent.detach() - loss if rise is None else rise
         self._record(norm if scale is None else norm / scale, finite, rise, len(kept) / len(params))
+        self.last_selection = index
         return loss
 
     def _selection_score(self, clean, perturbed, batch_size):

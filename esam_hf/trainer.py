@@ -9,11 +9,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
 
 from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, SELECTIONS, check_esam_args, scheduled_gamma
 from .losses import model_head, per_example_scores, unwrap_model
 
 ESAM_STATE_NAME = "esam_state.pt"
+# Warn when the SDS rows' top-class share exceeds the batch's by this much (a random half: ~0.05).
+CONCENTRATION_WARNING = 0.25
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -99,6 +103,7 @@ class ESAMTrainer(Trainer):
         self.per_example_loss_func = per_example_loss_func
         self.esam: ESAM | None = None
         self._head = model_head(self.model)  # the loss the model trains: how SDS scores its examples
+        self._class_shares, self._class_share_steps, self._warned_concentration = None, 0, False
 
     def _get_esam(self) -> ESAM:
         if self.esam is None:
@@ -131,13 +136,30 @@ class ESAMTrainer(Trainer):
             loss, outputs = self.training_loss(model, batch, items)
             return loss, self.compute_per_example_loss(outputs, batch) if with_scores else None
 
-        return esam.step(
+        loss = esam.step(
             loss_fn, inputs,
             backward=self.accelerator.backward,
             no_sync=lambda: self.accelerator.no_sync(model),
             grad_scaler=self.accelerator.scaler,
             gamma=self.current_gamma(),
         )
+        if esam.last_selection is not None and self._head == "classification":
+            self._record_class_shares(inputs.get("labels"), esam.last_selection)
+        return loss
+
+    def _record_class_shares(self, labels: torch.Tensor | None, index: torch.Tensor) -> None:
+        """Share of the most frequent class among the rows SDS kept, and in the whole batch. Far
+        apart, SDS descends on one class at a time: at a loss plateau, sharpness selection keeps
+        the batch's majority class (the perturbation hurts it most), and training can stall."""
+        if labels is None or labels.dim() != 1 or labels.is_floating_point():
+            return
+
+        def top_share(rows):  # no bincount: its output size would need a host sync
+            return (rows[:, None] == rows[None, :]).sum(1).max() / rows.shape[0]
+
+        shares = torch.stack([top_share(labels.index_select(0, index)), top_share(labels)]).float()
+        self._class_shares = shares if self._class_shares is None else self._class_shares + shares
+        self._class_share_steps += 1
 
     def training_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> tuple[torch.Tensor, Any]:
         """`(loss, outputs)`: the loss `Trainer.training_step` differentiates on `inputs`, i.e.
@@ -197,7 +219,24 @@ class ESAMTrainer(Trainer):
                 if key in stats:
                     stats[key] *= self.args.gradient_accumulation_steps
             logs.update(stats)
+            logs.update(self._pop_class_shares())
         super().log(logs, *args, **kwargs)
+
+    def _pop_class_shares(self) -> dict[str, float]:
+        if not self._class_share_steps:
+            return {}
+        selected, batch = (self._class_shares / self._class_share_steps).tolist()
+        self._class_shares, self._class_share_steps = None, 0
+        if selected - batch > CONCENTRATION_WARNING and not self._warned_concentration:
+            self._warned_concentration = True
+            logger.warning(
+                f"SDS is descending on one class at a time: the most frequent class makes up {selected:.0%} of the "
+                f"examples it keeps against {batch:.0%} of the batch. Sharpness selection keeps the examples the "
+                "perturbation hurts most, which near a loss plateau are the batch's majority class, and training "
+                "can stall there. If the loss is not falling, use esam_gamma_warmup (e.g. 0.3), "
+                "esam_selection='random', or a larger learning rate; see the README's 'When SDS stalls'."
+            )
+        return {"esam/sds_top_class_share": selected, "esam/batch_top_class_share": batch}
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, recipe=None, **kwargs) -> None:

@@ -302,3 +302,28 @@ def test_a_callback_freezing_a_layer_mid_training(tmp_path):
     model, callback = TinyConvNet(), FreezeHeadAt2()
     train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=4), make_data(64), callbacks=[callback])
     assert torch.equal(model.head.weight, callback.frozen)
+
+
+def test_sds_class_concentration_is_logged_and_warned_about(tmp_path):
+    from collections import Counter
+
+    from transformers.testing_utils import CaptureLogger
+
+    import esam_hf.trainer as trainer_module
+
+    model, forwards = TinyConvNet(), []
+    model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["labels"].tolist()), with_kwargs=True)
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=2, logging_steps=1), make_data(32))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for step, log in enumerate(logs):
+        batch, _, descent = forwards[3 * step: 3 * step + 3]  # clean, selection, descent passes
+        assert log["esam/sds_top_class_share"] == pytest.approx(Counter(descent).most_common(1)[0][1] / len(descent))
+        assert log["esam/batch_top_class_share"] == pytest.approx(Counter(batch).most_common(1)[0][1] / len(batch))
+
+    trainer._class_shares, trainer._class_share_steps, trainer._warned_concentration = None, 0, False
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    trainer._record_class_shares(labels, torch.tensor([0, 1, 2, 3]))  # 3 of 4 kept rows are class 0
+    with CaptureLogger(trainer_module.logger) as captured:
+        shares = trainer._pop_class_shares()
+    assert shares == {"esam/sds_top_class_share": 0.75, "esam/batch_top_class_share": 0.375}
+    assert "SDS is descending on one class at a time" in captured.out
