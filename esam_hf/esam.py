@@ -238,7 +238,10 @@ class ESAM:
             grads = _ascent_gradients(loss * scale if scale is not None else loss, kept)
         loss = loss.detach()
         kept, grads = [p for p, g in zip(kept, grads) if g is not None], [g for g in grads if g is not None]
-        backup, norm, finite = self._perturb(kept, grads)
+        if kept:
+            backup, norm, finite = self._perturb(kept, grads)
+        else:  # every kept tensor went unused by this forward: nothing to perturb
+            backup, norm, finite = None, loss.new_zeros(()), loss.new_ones((), dtype=torch.bool)
         del grads
         try:
             with self._frozen_bn_stats():
@@ -288,8 +291,6 @@ class ESAM:
         # One flat buffer makes the norm, the finite check and the scaling single kernels,
         # and lets a non-finite gradient become e = 0 without a host sync (inf * 0 = NaN
         # has no foreach cure; nan_to_num on the flat buffer is one kernel).
-        if not kept:
-            return None, torch.zeros(()), torch.ones((), dtype=torch.bool)
         backup = torch.cat([p.reshape(-1) for p in kept])
         # Sparse gradients (nn.Embedding(sparse=True)) perturb densely: e is a dense direction.
         g = torch.cat([(g if g.layout == torch.strided else g.to_dense()).reshape(-1) for g in grads]).to(backup.dtype)
@@ -324,8 +325,7 @@ class ESAM:
                 m.track_running_stats = True
 
     def _record(self, norm, finite, rise, kept_fraction):
-        norm, rise = norm.to(rise.device, torch.float32), rise.float()
-        step_stats = torch.stack([torch.where(finite.to(rise.device), norm, 0.0), rise, (~finite).float().to(rise.device)])
+        step_stats = torch.stack([torch.where(finite, norm, 0.0), rise, (~finite)]).float()
         self._stats = step_stats if self._stats is None else self._stats + step_stats
         self._steps += 1
         self._kept_fraction += kept_fraction
