@@ -116,7 +116,7 @@ def test_timeline_one_entry_per_epoch_matches_trainer(reproduced):
 
 
 def test_saved_models_reload_with_cards(reproduced):
-    import esam_hf  # noqa: F401  (registers the CIFAR backbones)
+    import esam_hf.models  # noqa: F401  (registers the CIFAR backbones)
     from transformers import AutoModelForImageClassification
 
     from esam_hf.data import build_datasets, resolve_dataset

@@ -126,3 +126,16 @@ def test_loads_offline_in_a_fresh_process(tmp_path, data):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["accuracy"] == pytest.approx(reference_topk(logits, labels, 1))
     assert result["top5_accuracy"] == pytest.approx(reference_topk(logits, labels, 5))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_never_correct(metric, bad):
+    # A diverged model: every logit NaN (or inf) must score 0, not 100%.
+    labels = np.array([0, 1, 2, 3])
+    scores = np.full((4, 10), bad, dtype=np.float32)
+    assert metric.compute(predictions=scores, references=labels, top_k=[1, 5]) == {"accuracy": 0.0, "top5_accuracy": 0.0}
+    # One broken row among good ones costs exactly that row.
+    good = np.eye(10, dtype=np.float32)[labels]
+    good[2, 5] = bad
+    result = compute_metrics_fn((1, 5))(EvalPrediction(predictions=good, label_ids=labels))
+    assert result == {"accuracy": 0.75, "top5_accuracy": 0.75}

@@ -16,7 +16,8 @@ import numpy as np
 _DESCRIPTION = """
 Fraction of examples whose reference label is among the k highest-scoring classes (top-k
 accuracy); top-1 is the usual accuracy. Ties are broken towards the lower class index, as
-numpy's argmax does, so top-1 from logits equals accuracy of `logits.argmax(-1)`.
+numpy's argmax does, so top-1 from logits equals accuracy of `logits.argmax(-1)`. An example
+whose scores are not all finite (NaN or infinite) is never counted as correct.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -70,12 +71,15 @@ def _label_accuracy(predictions, references, top_k):
 def _topk_accuracy(scores, references, top_k):
     if len(references) == 0:
         return {_key(k): 0.0 for k in top_k}
+    # A row with a NaN or infinite score is a broken prediction, never a correct one (NaN compares
+    # False with everything, so the rank below would otherwise put the label first).
+    finite = np.isfinite(scores).all(axis=1)
     target = np.take_along_axis(scores, references[:, None], axis=1)
     # Rank of the reference class in a stable descending sort: classes scoring higher, plus
     # classes scoring the same with a lower index.
     lower_index = np.arange(scores.shape[1])[None, :] < references[:, None]
     rank = (scores > target).sum(axis=1) + ((scores == target) & lower_index).sum(axis=1)
-    return {_key(k): float(np.mean(rank < int(k))) for k in top_k}
+    return {_key(k): float(np.mean(finite & (rank < int(k)))) for k in top_k}
 
 
 def _key(k):
