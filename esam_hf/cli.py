@@ -1,88 +1,37 @@
-"""`esam-hf`: train a recipe, benchmark throughput, reproduce SGD/SAM/ESAM, inspect flatness."""
+"""`esam-hf`: one entry point for the commands; each command's options live with its code."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import importlib
 import sys
 
-from .recipes import OPTIMIZERS, RECIPES, get_recipe
-
+# command -> (module with `main(argv)`, what it does)
 COMMANDS = {
-    "train": "train one recipe (any ESAMTrainingArguments / model / data flag overrides it)",
-    "recipes": "list the recipes",
-    "bench": "throughput of SGD, SAM and ESAM side by side",
-    "reproduce": "train SGD, SAM and ESAM on one recipe over several seeds; tables and plots",
-    "landscape": "loss landscape and top Hessian eigenvalue of saved models",
+    "train": ("esam_hf.run", "train one recipe or any model/data/TrainingArguments setting"),
+    "recipes": ("esam_hf.recipes", "list the paper's recipes"),
+    "bench": ("esam_hf.benchmark", "throughput of SGD, SAM and ESAM side by side"),
+    "reproduce": ("esam_hf.reproduce", "train SGD, SAM and ESAM on one recipe over several seeds; tables and plots"),
+    "landscape": ("esam_hf.landscape", "loss landscape and top Hessian eigenvalue of saved models"),
 }
-
-
-def recipe_defaults(name: str, optimizer: str) -> dict:
-    """Argument defaults for `name` trained with `optimizer` (sgd | sam | esam)."""
-    recipe = get_recipe(name)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return {
-        "model_name": recipe.model,
-        "model_kwargs": json.dumps(recipe.model_kwargs) if recipe.model_kwargs else None,
-        "dataset": recipe.dataset,
-        "output_dir": os.path.join("outputs", f"{name}-{optimizer}"),
-        "optim": "sgd",
-        "eval_strategy": "epoch",
-        "save_strategy": "epoch",
-        "save_total_limit": 2,
-        "logging_steps": 50,
-        "report_to": "none",
-        "per_device_eval_batch_size": 256,
-        **recipe.training_args(optimizer, world_size),
-    }
-
-
-def train_main(argv: list[str]) -> dict:
-    from .run import main as run_main
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", choices=list(RECIPES))
-    pre.add_argument("--optimizer", choices=OPTIMIZERS, default="esam")
-    known, rest = pre.parse_known_args(argv)
-    defaults = recipe_defaults(known.recipe, known.optimizer) if known.recipe else {}
-    recipe = f"{known.recipe} ({known.optimizer})" if known.recipe else "custom"
-    return run_main(rest, defaults, recipe=recipe,
-                    prog="esam-hf train [--recipe NAME] [--optimizer sgd|sam|esam]")
-
-
-def recipes_main(argv: list[str]) -> None:
-    print("| recipe | dataset | model | epochs | batch | lr | wd | rho | beta | gamma |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in RECIPES.items():
-        print(f"| {name} | {r.dataset} | {r.model} | {r.epochs} | {r.batch_size} | {r.learning_rate} | "
-              f"{r.weight_decay} | {r.rho} | {r.beta} | {r.gamma} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--version":
+        from . import __version__
+
+        print(f"esam-hf {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
-        print(f"usage: esam-hf COMMAND [options]\n\ncommands:\n{usage}\n\n`esam-hf COMMAND --help` for options.")
+        usage = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
+        problem = f"esam-hf: unknown command {argv[0]!r}\n\n" if argv and argv[0] not in ("-h", "--help") else ""
+        stream = sys.stderr if problem or not argv else sys.stdout
+        print(f"{problem}usage: esam-hf COMMAND [options]   (esam-hf --version)\n\ncommands:\n{usage}\n\n"
+              "`esam-hf COMMAND --help` lists a command's options.", file=stream)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        train_main(rest)
-    elif command == "recipes":
-        recipes_main(rest)
-    elif command == "bench":
-        from .benchmark import main as bench_main
-
-        bench_main(rest)
-    elif command == "reproduce":
-        from .reproduce import main as reproduce_main
-
-        reproduce_main(rest)
-    elif command == "landscape":
-        from .reproduce import landscape_main
-
-        landscape_main(rest)
-    return 0
+    module, _ = COMMANDS[argv[0]]
+    result = importlib.import_module(module).main(argv[1:])
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,26 @@
-"""The paper's training recipes (Du et al., 2022, Table 1 and the authors' scripts)."""
+"""The paper's training recipes (Du et al., 2022, Table 1 and the authors' scripts), the
+`--recipe`/`--optimizer` options that apply them, and how a run is named by what it trains."""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 OPTIMIZERS = ("sgd", "sam", "esam")
+# ESAM arguments that make each optimizer what it is; esam keeps the recipe's (or the defaults').
+# What each --optimizer fixes. SGD also turns SWP and SDS off, so that its record and card show nothing
+# of ESAM active (at rho 0 they would change nothing anyway).
+OPTIMIZER_ESAM_ARGS = {"sgd": {"esam_rho": 0.0, "esam_beta": 1.0, "esam_gamma": 1.0},
+                       "sam": {"esam_beta": 1.0, "esam_gamma": 1.0}, "esam": {}}
+
+
+def method_of(esam: dict[str, Any]) -> str:
+    """What ESAM arguments train, by name: "sgd" (rho 0), "sam" (beta = gamma = 1) or "esam"."""
+    if esam["esam_rho"] == 0:
+        return "sgd"
+    return "sam" if esam["esam_beta"] == 1 and esam["esam_gamma"] == 1 else "esam"
 
 
 @dataclass(frozen=True)
@@ -26,9 +42,7 @@ class Recipe:
         (rho = 0), SAM (beta = gamma = 1) or ESAM."""
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        rho = 0.0 if optimizer == "sgd" else self.rho
-        beta, gamma = (1.0, 1.0) if optimizer != "esam" else (self.beta, self.gamma)
-        return {"esam_rho": rho, "esam_beta": beta, "esam_gamma": gamma}
+        return {"esam_rho": self.rho, "esam_beta": self.beta, "esam_gamma": self.gamma, **OPTIMIZER_ESAM_ARGS[optimizer]}
 
     def training_args(self, optimizer: str = "esam", world_size: int = 1) -> dict:
         """TrainingArguments fields: SGD momentum 0.9 (set by the caller), cosine schedule, no warm-up."""
@@ -72,3 +86,64 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+@dataclass
+class RecipeArguments:
+    """`--recipe` and `--optimizer`: defaults for every other option, which still override them."""
+
+    _argument_group_name = "recipe"
+
+    recipe: str | None = field(default=None, metadata={
+        "help": f"Start from a recipe of the paper's table: {', '.join(RECIPES)} (`esam-hf recipes` shows them).",
+        "choices": list(RECIPES)})
+    optimizer: str | None = field(default=None, metadata={
+        "help": "Train as the plain SGD baseline (sets esam_rho 0), SAM (esam_beta = esam_gamma = 1) or ESAM "
+                "(the recipe's rho, beta, gamma); with or without --recipe. Default: esam.",
+        "choices": list(OPTIMIZERS)})
+
+
+def recipe_defaults(name: str | None, optimizer: str | None) -> dict[str, Any]:
+    """Option defaults for recipe `name` (None: none) trained with `optimizer` (None: esam)."""
+    optimizer = optimizer or "esam"
+    if name is None:
+        return dict(OPTIMIZER_ESAM_ARGS[optimizer])
+    recipe = get_recipe(name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "model_name": recipe.model,
+        "model_kwargs": json.dumps(recipe.model_kwargs) if recipe.model_kwargs else None,
+        "dataset": recipe.dataset,
+        "output_dir": os.path.join("outputs", f"{name}-{optimizer}"),
+        "optim": "sgd",
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "save_total_limit": 2,
+        "logging_steps": 50,
+        "per_device_eval_batch_size": 256,
+        **recipe.training_args(optimizer, world_size),
+    }
+
+
+def optimizer_conflicts(optimizer: str | None, values: dict[str, Any], explicit: set[str]) -> list[str]:
+    """Options given on the command line that contradict `--optimizer` (which would mislabel the run)."""
+    implied = OPTIMIZER_ESAM_ARGS[optimizer or "esam"]
+    return [f"--{name} {values[name]:g}" for name in sorted(explicit & set(implied)) if values[name] != implied[name]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`esam-hf recipes`: the table, one row per recipe, and each recipe's note."""
+    import argparse
+
+    argparse.ArgumentParser(prog="esam-hf recipes", description="List the paper's recipes (use one with "
+                            "`esam-hf train --recipe NAME`).", allow_abbrev=False).parse_args(argv)
+    print("| recipe | dataset | model | epochs | batch | lr | wd | rho | beta | gamma |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in RECIPES.items():
+        print(f"| {name} | {r.dataset} | {r.model} | {r.epochs} | {r.batch_size} | {r.learning_rate} | "
+              f"{r.weight_decay} | {r.rho} | {r.beta} | {r.gamma} |")
+    notes = [(name, r.note) for name, r in RECIPES.items() if r.note]
+    if notes:
+        print()
+        for name, note in notes:
+            print(f"- {name}: {note}")

@@ -1,0 +1,94 @@
+"""One command-line convention for every `esam-hf` command: Hugging Face's.
+
+Each command declares its options as dataclasses and parses them with `parse_args`, a thin layer
+over `transformers.HfArgumentParser`: underscores (`--batch_size`, with the hyphen alias
+`--batch-size`), no prefix matching (`--optim` never becomes `--optimizer`), and an unknown flag is
+an error that names the closest known one, before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Any, Iterable, NoReturn
+
+from transformers import HfArgumentParser
+
+
+def make_parser(types: Iterable[type], *, prog: str, description: str | None = None,
+                defaults: dict[str, Any] | None = None, first_group: tuple[str, str] | None = None,
+                epilog: str | None = None, add_help: bool = True) -> HfArgumentParser:
+    """An `HfArgumentParser` over `types` with `defaults` set.
+
+    `first_group=(title, prefix)` lists the options whose names start with `prefix` under `title`,
+    first in `--help` (e.g. the ESAM flags before the ~150 TrainingArguments ones). A pre-parser that
+    only reads what decides the other defaults (the recipe) passes `add_help=False`, so that `--help`
+    reaches the full parser."""
+    parser = HfArgumentParser(list(types), prog=prog, usage="%(prog)s [options]", description=description,
+                              epilog=epilog, allow_abbrev=False, add_help=add_help)
+    if defaults:
+        unknown = set(defaults) - {action.dest for action in parser._actions}
+        if unknown:  # a programming error: a recipe or command default that names no option
+            raise ValueError(f"defaults for unknown options: {sorted(unknown)}")
+        parser.set_defaults(**defaults)
+    if first_group:
+        _move_to_first_group(parser, *first_group)
+    return parser
+
+
+def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
+    """The dataclasses of `parser` filled from `argv`; unknown flags and values a dataclass refuses exit
+    with the usage error (status 2) before any work."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as e:  # a dataclass's own check (__post_init__): a usage error, not a crash
+        parser.error(str(e))
+    if rest:
+        parser.error(unknown_flags_message(parser, rest))
+    return tuple(parsed)
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+    """Exit as argparse does on a bad option (status 2, `prog: error: message` on stderr), for the checks
+    that need more than the parser (an output folder in use, a launcher without devices)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def unknown_flags_message(parser: HfArgumentParser, rest: list[str]) -> str:
+    known = [option for action in parser._actions for option in action.option_strings]
+    lines, after_flag = [], False
+    for token in rest:
+        if not token.startswith("-"):
+            if not after_flag:  # a value after an unknown flag is that flag's
+                lines.append(f"unexpected value {token!r}")
+            after_flag = False
+            continue
+        after_flag = "=" not in token
+        flag = token.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        lines.append(f"unknown option {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return "; ".join(lines) + f". `{parser.prog} --help` lists the options."
+
+
+def explicit_options(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the options given on the command line (not left at a default)."""
+    strings = {option: action.dest for action in parser._actions for option in action.option_strings}
+    return {strings[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in strings}
+
+
+def _move_to_first_group(parser: HfArgumentParser, title: str, prefix: str) -> None:
+    group = parser.add_argument_group(title)
+    for action in list(parser._actions):
+        if action.dest.startswith(prefix):
+            for other in parser._action_groups:
+                if action in other._group_actions and other is not group:
+                    other._group_actions.remove(action)
+            group._group_actions.append(action)
+    # argparse prints groups in list order: this group first, the ungrouped options (TrainingArguments'
+    # ~150) last, the command's own titled groups in between.
+    parser._action_groups.remove(group)
+    parser._action_groups.remove(parser._optionals)
+    parser._action_groups[1:1] = [group]
+    parser._action_groups.append(parser._optionals)

@@ -1,0 +1,52 @@
+"""The `esam-hf` commands share one convention: full `--help` (ESAM options first), HfArgumentParser
+flags, usage errors (status 2) that name the option before any work."""
+
+import json
+
+import pytest
+
+from esam_hf.cli import main
+
+
+@pytest.mark.parametrize("command", ["train", "reproduce", "bench", "landscape", "recipes"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and text.startswith(f"usage: esam-hf {command}")
+    if command in ("train", "reproduce"):  # the whole parser, ESAM flags before TrainingArguments' ~150
+        assert "--recipe" in text and "--num_train_epochs" in text
+        assert text.index("--esam_rho") < text.index("--recipe") < text.index("--num_train_epochs")
+
+
+def test_version_and_unknown_command(capsys):
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("esam-hf ")
+    assert main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", ","], "--methods: name at least one of"),
+    (["--methods", "sgd,adam"], "--methods: unknown ['adam']"),
+    (["--settings", "5"], "--settings: '5' is not a setting here"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--repeat", "2"], "did you mean --repeats"),
+])
+def test_bench_refuses_bad_options(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--output_dir", str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_times_interleaved_repeats_and_writes_its_tables(tmp_path):
+    main(["bench", "--methods", "sgd,esam", "--steps", "2", "--warmup", "1", "--repeats", "2",
+          "--output_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    (result,) = saved["results"]
+    assert result["timed_steps"] == 2 and set(result["all_images_per_s"]) == {"sgd", "esam"}
+    assert all(len(r) == 2 and min(r) > 0 for r in result["all_images_per_s"].values())
+    ratio = result["ratios"]["esam/sgd"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert "esam/sgd" in result["cpu_time_ratios"]
+    assert "| esam" not in (tmp_path / "throughput.md").read_text().split("\n")[0]
