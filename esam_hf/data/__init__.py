@@ -10,6 +10,11 @@ Typical use (see `build_datasets`):
 Transforms belong to each split's dataset (augmentation on the training split only; on the CIFAR fast
 path `CifarAugment` runs once per batch in `CifarTensorDataset.__getitems__`), so the one collator
 `data.collator` (`collate_images`, which only batches) serves training and evaluation alike.
+
+Bad data is a `DataError` (a ValueError) raised before training where it can be: splits, columns and
+labels in `load_splits`; every image on the CIFAR path (decoded into its cache) and, on the timm path,
+with `build_datasets(check_train_images=True, check_eval_images=True)` (`check_images`). Errors name the
+split and the row (`ROW_COLUMN`, the row's number in the split before subsampling) and say what to do.
 """
 
 from .cifar import (
@@ -23,12 +28,12 @@ from .cifar import (
     cifar_tensors,
     default_cache_dir,
 )
-from .images import decode_image, to_rgb
+from .errors import DataError
+from .images import ROW_COLUMN, check_images, decode_image, to_rgb
 from .pipeline import DataBundle, build_datasets, measure_pipeline_throughput
 from .specs import (
     BUILTIN_DATASETS,
     CIFAR10_SUBSET_DIR,
-    DataError,
     DatasetSpec,
     load_dataset_dict,
     load_splits,
@@ -49,7 +54,9 @@ __all__ = [
     "DataBundle",
     "DataError",
     "DatasetSpec",
+    "ROW_COLUMN",
     "build_datasets",
+    "check_images",
     "cifar_data_config",
     "cifar_tensors",
     "collate_images",

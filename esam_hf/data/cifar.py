@@ -7,6 +7,7 @@ uint8 tensor keeps the input pipeline far ahead of the model, even with no DataL
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,14 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import decode_image
-from .specs import DataError
+from .errors import DataError
+from .images import at_row, bad_images_error, decode_rows, raw_images, split_of
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 _CACHE_VERSION = 1  # bump when the cached layout changes
+
+logger = logging.getLogger(__name__)
 
 
 def cifar_data_config(num_classes: int = 10) -> dict:
@@ -39,20 +42,23 @@ def default_cache_dir() -> Path:
 
 
 def cifar_tensors(
-    dataset: datasets.Dataset, image_column: str, label_column: str, cache_dir: str | Path | None = None
+    dataset: datasets.Dataset, image_column: str, label_column: str, cache_dir: str | Path | None = None,
+    split: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as uint8 [N, 3, 32, 32] and labels as int64 [N], decoded once and cached on disk.
 
     The cache key is the dataset's fingerprint (which changes with the files, `select` indices, maps...)
-    plus the column names, so a different subset or dataset never reuses a stale file.
+    plus the column names, so a different subset or dataset never reuses a stale file. An unreadable
+    cache file (truncated, or not what it should hold) is deleted and rebuilt. Images that cannot be
+    decoded are all reported at once by `split` (default: the dataset's own split name) and row.
     """
     key = hashlib.sha256(f"{_CACHE_VERSION}|{dataset._fingerprint}|{image_column}|{label_column}".encode()).hexdigest()
     path = Path(cache_dir or default_cache_dir()) / f"cifar-{key[:20]}.pt"
-    if path.exists():
-        cached = torch.load(path, mmap=True, weights_only=True)  # mmap: DataLoader workers share the pages
-        return cached["images"], cached["labels"]
+    cached = _load_cache(path, len(dataset)) if path.exists() else None
+    if cached is not None:
+        return cached
 
-    images = _decode_images(dataset, image_column)
+    images = _decode_images(dataset, image_column, split_of(dataset, split))
     labels = torch.from_numpy(np.asarray(dataset.select_columns([label_column]).with_format("numpy")[:][label_column]))
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write a temp file in the same folder, then rename (atomic): an interrupted run, or another process
@@ -68,19 +74,38 @@ def cifar_tensors(
     return images, labels.long()
 
 
-def _decode_images(dataset: datasets.Dataset, image_column: str, chunk: int = 1000) -> torch.Tensor:
-    # decode=False hands us the raw bytes, so a corrupt file is reported with its row number.
-    raw = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+def _load_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        cached = torch.load(path, mmap=True, weights_only=True)  # mmap: DataLoader workers share the pages
+        images, labels = cached["images"], cached["labels"]
+        if images.dtype != torch.uint8 or images.shape != (n, 3, 32, 32) or labels.shape != (n,):
+            raise ValueError(f"it holds images {tuple(images.shape)} and labels {tuple(labels.shape)} for {n} rows")
+    except Exception as e:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
+        # Files are renamed into place whole, so this is disk damage or a copy gone wrong: rebuilding is safe.
+        logger.warning("CIFAR cache %s is unreadable (%s: %s); deleting it and decoding the split again.",
+                       path, type(e).__name__, e)
+        path.unlink(missing_ok=True)
+        return None
+    return images, labels
+
+
+def _decode_images(dataset: datasets.Dataset, image_column: str, split: str | None, chunk: int = 1000) -> torch.Tensor:
+    raw = raw_images(dataset, image_column)
     out = np.empty((len(raw), 32, 32, 3), dtype=np.uint8)
+    problems = []
     for start in range(0, len(raw), chunk):
-        for i, value in enumerate(raw[start : start + chunk][image_column], start):
-            image = decode_image(value, where=f"at row {i}")
-            if image.size != (32, 32):
+        for i, (row, image, problem) in enumerate(decode_rows(raw, image_column, start, start + chunk), start):
+            if problem:
+                problems.append((row, problem))
+            elif image.size != (32, 32):
                 raise DataError(
-                    f"row {i} holds a {image.size[0]}x{image.size[1]} image; the CIFAR path needs 32x32 images "
-                    "(use kind='imagenet' for other sizes)"
+                    f"the image {at_row(row, split)} is {image.size[0]}x{image.size[1]}; the CIFAR path needs 32x32 "
+                    "images (use kind='imagenet' for other sizes)"
                 )
-            out[i] = np.asarray(image)
+            else:
+                out[i] = np.asarray(image)
+    if problems:
+        raise bad_images_error(problems, split, len(raw))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 

@@ -9,10 +9,12 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import datasets
 import torch
 
 from .cifar import CifarAugment, CifarTensorDataset, cifar_data_config, cifar_tensors
-from .specs import DatasetSpec, load_splits
+from .images import check_images
+from .specs import DatasetSpec, load_dataset_dict, load_splits
 from .transforms import collate_images, image_transform, timm_data_config, with_image_transform
 
 
@@ -29,6 +31,7 @@ class DataBundle:
     collator: Callable
     class_names: list[str]
     data_config: dict  # input_size, mean, std, crop_pct, interpolation: save the image processor from this
+    eval_split_size: int | None = None  # rows of the whole evaluation split, however many are evaluated
 
 
 def build_datasets(
@@ -44,6 +47,9 @@ def build_datasets(
     cutout: bool = True,
     cache_dir: str | Path | None = None,
     generator: torch.Generator | None = None,
+    check_train_images: bool = False,
+    check_eval_images: bool = False,
+    check_workers: int = 0,
 ) -> DataBundle:
     """Load `spec`'s splits and wrap them in the input pipeline its kind calls for.
 
@@ -52,6 +58,11 @@ def build_datasets(
     a 224-pixel model, uses timm's transforms from `data_config` (a timm data config or pretrained_cfg;
     None means CIFAR statistics for CIFAR, timm's ImageNet defaults otherwise).
     `train=False` skips the training split (evaluation only).
+
+    Every image of a split is decoded before training when the CIFAR path builds its cache, and, on the
+    timm path, when `check_train_images` / `check_eval_images` ask for it (`check_images` with
+    `check_workers` processes; progress bars follow `datasets.disable_progress_bars()`): a bad image is
+    then an error naming its split and row before the first step, not mid-epoch or at the first evaluation.
     """
     train_ds, eval_ds, class_names = load_splits(spec, max_train_samples, max_eval_samples, seed)
     if not train:
@@ -61,25 +72,39 @@ def build_datasets(
     if spec.kind == "cifar" and input_hw in (None, (32, 32)):
         config = {**cifar_data_config(len(class_names)), **(data_config or {})}
 
-        def wrap(ds, training):
+        def wrap(ds, training, split):
             if training:
                 augment = CifarAugment(config["mean"], config["std"], crop=crop, flip=flip, cutout=cutout, generator=generator)
             else:
                 augment = CifarAugment(config["mean"], config["std"], train=False)
-            return CifarTensorDataset(*cifar_tensors(ds, spec.image_column, spec.label_column, cache_dir), augment)
+            images, labels = cifar_tensors(ds, spec.image_column, spec.label_column, cache_dir, split)
+            return CifarTensorDataset(images, labels, augment)
     else:
         config = timm_data_config(data_config)
+        checked = [(train_ds, spec.train_split, check_train_images), (eval_ds, spec.eval_split, check_eval_images)]
+        for ds, split, check in checked:
+            if ds is not None and check:
+                check_images(ds, spec.image_column, split, num_workers=check_workers,
+                             progress=datasets.is_progress_bar_enabled())
 
-        def wrap(ds, training):
-            return with_image_transform(ds, spec.image_column, spec.label_column, image_transform(config, training))
+        def wrap(ds, training, split):
+            transform = image_transform(config, training)
+            return with_image_transform(ds, spec.image_column, spec.label_column, transform, split)
 
     return DataBundle(
-        train_dataset=wrap(train_ds, True) if train_ds is not None else None,
-        eval_dataset=wrap(eval_ds, False) if eval_ds is not None else None,
+        train_dataset=wrap(train_ds, True, spec.train_split) if train_ds is not None else None,
+        eval_dataset=wrap(eval_ds, False, spec.eval_split) if eval_ds is not None else None,
         collator=collate_images,
         class_names=class_names,
         data_config=config,
+        eval_split_size=_split_size(spec, eval_ds, max_eval_samples),
     )
+
+
+def _split_size(spec: DatasetSpec, subset, max_samples: int | None) -> int | None:
+    if subset is None or max_samples is None:  # the whole split, or none
+        return len(subset) if subset is not None else None
+    return load_dataset_dict(spec.path)[spec.eval_split].num_rows  # answered from the datasets cache
 
 
 def measure_pipeline_throughput(

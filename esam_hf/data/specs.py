@@ -1,19 +1,24 @@
-"""Which dataset to train on: built-in aliases, Hub ids, local directories, and loading checked splits."""
+"""Which dataset to train on: built-in aliases, Hub ids, local directories or files, and loading checked splits."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import datasets
 import numpy as np
 
+from .errors import DataError, listed
+from .images import at_row, decode_image, number_rows, raw_images
+
 CIFAR10_SUBSET_DIR = Path(__file__).resolve().parent / "cifar10_subset"
 KINDS = ("cifar", "imagenet")
+NO_EVAL = "none"  # eval_split value that turns evaluation off (the command line cannot pass None)
+# A single file loads as a one-split dataset named "train"; these formats keep `Image`/`ClassLabel` features.
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
-
-class DataError(ValueError):
-    """A dataset problem found before training starts: path, split, column or labels."""
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +26,9 @@ class DatasetSpec:
     """Where an image-classification dataset lives and how to read it.
 
     `kind` picks the input pipeline: "cifar" decodes 32x32 images once into a uint8 tensor and augments
-    whole batches; "imagenet" applies timm transforms to PIL images lazily.
-    `class_names` is only needed when the label column is a plain integer rather than a `ClassLabel`.
+    whole batches; "imagenet" applies timm transforms to PIL images lazily. `eval_split=None`: no evaluation.
+    `class_names` overrides the names of a `ClassLabel` column or the ones derived from plain integer or
+    string labels (see `load_splits`).
     """
 
     path: str
@@ -53,11 +59,13 @@ def resolve_dataset(
     eval_split: str | None = None,
     class_names: list[str] | None = None,
 ) -> DatasetSpec:
-    """Turn an alias (`cifar10`, `cifar100`, `imagenet`, `cifar10-subset`), a Hub id or a local directory into a spec.
+    """Turn an alias (`cifar10`, `cifar100`, `imagenet`, `cifar10-subset`), a Hub id, a local directory or a
+    single `.parquet`/`.arrow` file (one split, `train`) into a spec.
 
     Built-ins are resolved without touching the data. Anything else is loaded once to find its columns
     (the first `Image` and the first `ClassLabel` feature unless given), its splits (`train`, then the
     first labelled one of `validation`/`test` for evaluation) and its kind (32x32 images mean "cifar").
+    `eval_split=None` keeps that default; `eval_split="none"` turns evaluation off.
     """
     overrides = dict(
         image_column=image_column, label_column=label_column, kind=kind,
@@ -70,15 +78,16 @@ def resolve_dataset(
 
     spec = BUILTIN_DATASETS.get(name_or_path)
     spec = spec or next((s for s in BUILTIN_DATASETS.values() if s.path == name_or_path), None)
-    if spec is not None:
-        return dataclasses.replace(spec, **overrides)
-    return _inspect(name_or_path, **overrides)
+    spec = dataclasses.replace(spec, **overrides) if spec is not None else _inspect(name_or_path, **overrides)
+    if spec.eval_split is not None and spec.eval_split.lower() == NO_EVAL:
+        spec = dataclasses.replace(spec, eval_split=None)
+    return spec
 
 
 def _inspect(path, image_column=None, label_column=None, kind=None, train_split=None, eval_split=None, class_names=None):
     splits = load_dataset_dict(path)
     train_split = train_split or "train"
-    train = _get_split(splits, train_split, path)
+    train = _get_split(splits, train_split, path, "train_split")
     features = train.features
     image_column = image_column or _first_column(features, datasets.Image)
     label_column = label_column or _first_column(features, datasets.ClassLabel)
@@ -95,14 +104,23 @@ def _inspect(path, image_column=None, label_column=None, kind=None, train_split=
             None,
         )
     if kind is None:
-        first = train.select_columns([image_column])[0][image_column] if len(train) else None
-        kind = "cifar" if first is not None and first.size == (32, 32) else "imagenet"
+        kind = "cifar" if len(train) and _first_image(train, image_column, train_split).size == (32, 32) else "imagenet"
     return DatasetSpec(str(path), image_column, label_column, train_split, eval_split, kind, class_names)
 
 
+def _first_image(ds, image_column, split):
+    return decode_image(raw_images(ds, image_column)[0][image_column], where=at_row(0, split))
+
+
 def load_dataset_dict(path: str) -> datasets.DatasetDict:
-    """`datasets.load_dataset(path)`, with an error that says why when the path is neither local nor on the Hub."""
+    """`datasets.load_dataset(path)` for a Hub id or a directory, a one-split (`train`) dataset for a single
+    `.parquet`/`.arrow` file, `load_from_disk` for a `save_to_disk` folder; an error that says why otherwise."""
     local = Path(path).expanduser()
+    if local.is_file():
+        return _load_file(local)
+    if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(local))
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     if local.is_dir():
         return datasets.load_dataset(str(local))
     cause = None
@@ -119,26 +137,49 @@ def load_dataset_dict(path: str) -> datasets.DatasetDict:
     ) from cause
 
 
+def _load_file(file: Path) -> datasets.DatasetDict:
+    builder = FILE_BUILDERS.get(file.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"{str(file)!r} is a file, but only {' / '.join(FILE_BUILDERS)} files keep image features when loaded "
+            "on their own. Convert it (e.g. Dataset.to_parquet) or pass the dataset's directory."
+        )
+    return datasets.load_dataset(builder, data_files={"train": str(file)})
+
+
 def load_splits(
     spec: DatasetSpec, max_train_samples: int | None = None, max_eval_samples: int | None = None, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     """Load the train and eval splits, check columns and labels, and subsample with every class in proportion.
 
+    Everything is checked here so a bad dataset fails before any training step. Labels that are not a
+    `ClassLabel` get classes derived from both splits (`spec.class_names` overrides them): integers 0..max
+    are named "0".."max"; strings are sorted and replaced by their ids, the same for both splits. Every row
+    gets its number in the split (`ROW_COLUMN`), so errors about images name rows that can be looked up.
     Subsets are stratified because CIFAR-style files are often sorted by class: the first N rows would be
-    a single class. Everything is checked here so a bad dataset fails before any training step.
+    a single class.
     """
+    for option, n in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+        if n is not None and n <= 0:
+            raise DataError(f"{option} must be a positive number of images (or None for the whole split), got {n}")
     splits = load_dataset_dict(spec.path)
-    train = _get_split(splits, spec.train_split, spec.path)
-    eval_ = _get_split(splits, spec.eval_split, spec.path) if spec.eval_split else None
-    checked = [(name, split) for name, split in ((spec.train_split, train), (spec.eval_split, eval_)) if split is not None]
-    for name, split in checked:
+    named = {"train": (spec.train_split, _get_split(splits, spec.train_split, spec.path, "train_split"))}
+    if spec.eval_split is not None:
+        named["eval"] = (spec.eval_split, _get_split(splits, spec.eval_split, spec.path, "eval_split"))
+    for name, split in named.values():
         _check_columns(split, spec.image_column, spec.label_column, name, spec.path)
-    class_names = _class_names(train, spec)
-    for name, split in checked:
-        _check_labels(_labels(split, spec.label_column), len(class_names), name, spec)
-    train = _subsample(train, max_train_samples, seed, spec.label_column)
-    eval_ = _subsample(eval_, max_eval_samples, seed, spec.label_column) if eval_ is not None else None
-    return train, eval_, class_names
+    raw_labels = {role: _labels(split, spec.label_column) for role, (_, split) in named.items()}
+    class_names, labels = _class_ids(raw_labels, named, spec)
+    _check_classes(labels, class_names, named, spec)
+
+    sizes = {"train": max_train_samples, "eval": max_eval_samples}
+    out = {}
+    for role, (_, split) in named.items():
+        split = number_rows(split)  # before subsampling, which `select`s
+        if _is_text(raw_labels[role]):
+            split = _with_class_ids(split, spec.label_column, labels[role], class_names)
+        out[role] = _subsample(split, labels[role], sizes[role], seed)
+    return out["train"], out.get("eval"), class_names
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -158,17 +199,19 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return rng.permutation(perm[np.argsort(keys, kind="stable")[:n]])
 
 
-def _subsample(ds, n, seed, label_column):
+def _subsample(ds, labels, n, seed):
     if n is None or n >= len(ds):
         return ds
-    if n <= 0:
-        raise DataError(f"max samples must be positive, got {n}")
-    return ds.select(stratified_indices(_labels(ds, label_column), n, seed))
+    return ds.select(stratified_indices(labels, n, seed))
 
 
-def _get_split(splits, name, path):
+def _get_split(splits, name, path, option):
     if name not in splits:
-        raise DataError(f"split {name!r} not found in {path!r}; available splits: {list(splits)}")
+        flag = f"--{option} NAME" + (f" (or {NO_EVAL} to skip evaluation)" if option == "eval_split" else "")
+        raise DataError(
+            f"split {name!r} not found in {path!r}; available splits: {list(splits)}. "
+            f"Pass {flag}, i.e. {option}= in Python, to use one of them."
+        )
     return splits[name]
 
 
@@ -194,32 +237,101 @@ def _check_columns(ds, image_column, label_column, split, path):
         )
 
 
-def _class_names(ds, spec):
-    if spec.class_names is not None:
-        return list(spec.class_names)
-    feature = ds.features.get(spec.label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    raise DataError(
-        f"label column {spec.label_column!r} of {spec.path!r} is {type(feature).__name__}, not a ClassLabel, "
-        "so the class names are unknown: pass class_names= to resolve_dataset."
-    )
-
-
 def _labels(ds, label_column) -> np.ndarray:
     # select_columns + numpy format reads one Arrow column (and honours select() indices) without decoding images.
     return np.asarray(ds.select_columns([label_column]).with_format("numpy")[:][label_column])
 
 
+def _is_text(labels) -> bool:
+    return labels.dtype.kind in "OUS"
+
+
 def _is_labelled(ds, label_column):
-    return label_column in ds.column_names and len(ds) > 0 and bool((_labels(ds, label_column) != -1).any())
+    if label_column not in ds.column_names or len(ds) == 0:
+        return False
+    labels = _labels(ds, label_column)
+    return bool((labels != -1).any()) if labels.dtype.kind in "iu" else True
+
+
+def _class_ids(raw_labels, named, spec):
+    """The class names, and each split's labels as checked integer class ids."""
+    for role, (name, _) in named.items():
+        _check_not_missing(raw_labels[role], name, spec)
+    if len({_is_text(values) for values in raw_labels.values()}) > 1:
+        raise DataError(
+            f"label column {spec.label_column!r} of {spec.path!r} holds strings in one split and numbers in the other "
+            f"({', '.join(f'{name!r}: {raw_labels[role].dtype}' for role, (name, _) in named.items())}); make them agree."
+        )
+    class_names = _class_names(named["train"][1], raw_labels.values(), spec)
+    labels = {role: _encode(values, class_names, named[role][0], spec) if _is_text(values) else values
+              for role, values in raw_labels.items()}
+    for role, (name, _) in named.items():
+        _check_labels(labels[role], len(class_names), name, spec)
+    return class_names, labels
+
+
+def _check_not_missing(labels, split, spec):
+    # Arrow nulls arrive as None in string columns and as NaN in integer ones.
+    if labels.dtype == object:
+        missing = np.flatnonzero([value is None for value in labels])
+    else:
+        missing = np.flatnonzero(np.isnan(labels)) if labels.dtype.kind == "f" else []
+    if len(missing):
+        raise DataError(
+            f"split {split!r} of {spec.path!r} has {len(missing)} row(s) without a label in {spec.label_column!r} "
+            f"(rows {listed([str(i) for i in missing])}); remove them (e.g. with Dataset.filter) or fill them in."
+        )
+
+
+def _class_names(train, labels, spec):
+    if spec.class_names is not None:
+        return list(spec.class_names)
+    feature = train.features[spec.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = np.concatenate(list(labels))
+    if _is_text(values):
+        names = sorted(set(values.tolist()))
+        logger.info("label column %r of %r holds strings: %d classes, in sorted order: %s.",
+                    spec.label_column, spec.path, len(names), _quoted(names))
+        return names
+    if values.dtype.kind not in "iu":
+        raise DataError(
+            f"label column {spec.label_column!r} of {spec.path!r} holds {values.dtype} values; it needs integer "
+            "class ids, class-name strings or a ClassLabel feature. Check label_column."
+        )
+    names = [str(i) for i in range(int(values.max()) + 1 if len(values) else 0)]
+    logger.info("label column %r of %r is not a ClassLabel: %d classes named '0'..'%d' after its largest label; "
+                "pass class_names= to name them.", spec.label_column, spec.path, len(names), len(names) - 1)
+    return names
+
+
+def _encode(values, class_names, split, spec):
+    ids = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(values.tolist()) - ids.keys())
+    if unknown:
+        raise DataError(
+            f"split {split!r} of {spec.path!r} has labels that are not class names: {_quoted(unknown)}; "
+            f"the classes are {_quoted(class_names)}. Check class_names / label_column."
+        )
+    return np.array([ids[value] for value in values.tolist()], dtype=np.int64)
+
+
+def _quoted(names):
+    return listed([repr(name) for name in names])
+
+
+def _with_class_ids(ds, label_column, ids, class_names):
+    # Before subsampling: on a split without a `select` mapping, add_column adds one in-memory column.
+    feature = datasets.ClassLabel(names=class_names)
+    return ds.remove_columns([label_column]).add_column(label_column, ids, feature=feature)
 
 
 def _check_labels(labels, num_classes, split, spec):
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
-            f"label column {spec.label_column!r} of split {split!r} holds {labels.dtype} values, not integer class ids "
-            "(datasets' Dataset.class_encode_column converts strings)."
+            f"label column {spec.label_column!r} of split {split!r} holds {labels.dtype} values, not integer class ids; "
+            "check label_column."
         )
     if len(labels) and (labels == -1).all():
         raise DataError(
@@ -232,3 +344,21 @@ def _check_labels(labels, num_classes, split, spec):
             f"split {split!r} of {spec.path!r} has {len(bad)} label(s) outside [0, {num_classes}) "
             f"(row {bad[0]}: {labels[bad[0]]}); check label_column / class_names."
         )
+
+
+def _check_classes(labels, class_names, named, spec):
+    train_name = named["train"][0]
+    present = np.unique(labels["train"])
+    if len(class_names) < 2 or len(present) < 2:
+        raise DataError(
+            f"split {train_name!r} of {spec.path!r} has {len(present)} class(es) in {spec.label_column!r} out of "
+            f"{len(class_names)} ({_quoted(class_names)}); a classifier needs at least 2. Check label_column and train_split."
+        )
+    if "eval" in labels:
+        unseen = np.setdiff1d(np.unique(labels["eval"]), present)
+        if len(unseen):
+            logger.warning(
+                "evaluation split %r has %d class(es) absent from training split %r: %s. The model cannot learn them; "
+                "their accuracy will be 0.",
+                named["eval"][0], len(unseen), train_name, _quoted([class_names[i] for i in unseen]),
+            )

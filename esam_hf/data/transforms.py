@@ -8,7 +8,7 @@ import datasets
 import timm.data
 import torch
 
-from .images import decode_image
+from .images import ROW_COLUMN, at_row, decode_image, number_rows, split_of
 
 
 def timm_data_config(source: Mapping | torch.nn.Module | None = None) -> dict:
@@ -35,25 +35,30 @@ def image_transform(data_config: Mapping, is_training: bool):
 
 class _DecodeAndTransform:
     # A class rather than a closure so DataLoader workers started with "spawn" can pickle it.
-    def __init__(self, image_column: str, label_column: str, transform):
-        self.image_column, self.label_column, self.transform = image_column, label_column, transform
+    def __init__(self, image_column: str, label_column: str, transform, split: str | None):
+        self.image_column, self.label_column, self.transform, self.split = image_column, label_column, transform, split
 
     def __call__(self, batch: dict) -> dict:
-        pixel_values = [
-            self.transform(decode_image(v, where=f"in column {self.image_column!r}")) for v in batch[self.image_column]
-        ]
+        cells = zip(batch[ROW_COLUMN], batch[self.image_column])
+        pixel_values = [self.transform(decode_image(value, where=at_row(row, self.split))) for row, value in cells]
         return {"pixel_values": pixel_values, "labels": batch[self.label_column]}
 
 
-def with_image_transform(dataset: datasets.Dataset, image_column: str, label_column: str, transform) -> datasets.Dataset:
+def with_image_transform(
+    dataset: datasets.Dataset, image_column: str, label_column: str, transform, split: str | None = None
+) -> datasets.Dataset:
     """The dataset with `transform` applied on access; rows become {"pixel_values": float [3, H, W], "labels": int}.
 
     Images are decoded here, not by `datasets`, so greyscale/alpha/16-bit files go through `to_rgb` and a
-    corrupt file raises an error naming it. Train with `remove_unused_columns=False`: the Trainer would
+    bad image raises an error naming its split (`split`, default: the dataset's own split name), row and
+    file. Rows are the numbers `load_splits` recorded; a dataset from elsewhere is numbered here (pass it
+    before any `select`: see `number_rows`). Train with `remove_unused_columns=False`: the Trainer would
     otherwise drop the image column before the transform sees it.
     """
+    if ROW_COLUMN not in dataset.column_names:
+        dataset = number_rows(dataset)
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return raw.with_transform(_DecodeAndTransform(image_column, label_column, transform))
+    return raw.with_transform(_DecodeAndTransform(image_column, label_column, transform, split_of(dataset, split)))
 
 
 def collate_images(features: list[dict] | Mapping) -> dict:

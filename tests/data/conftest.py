@@ -68,3 +68,34 @@ def hf_cache(tmp_path, monkeypatch):
     path = tmp_path / "hf_datasets"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
     return path
+
+
+@pytest.fixture
+def make_dataset(tmp_path, hf_cache):
+    """Write a local dataset directory, one parquet file per split: make_dataset({"train": {"image": [...], ...}}).
+
+    Image cells are PIL images, {"bytes", "path"} dicts (broken bytes included) or None; `features` defaults to
+    an Image column "image" and, when the labels are ints, a ClassLabel "label" with as many names as needed.
+    """
+    import datasets
+
+    def make(splits, features=None, name="ds"):
+        root = tmp_path / name
+        root.mkdir()
+        for split, columns in splits.items():
+            ds = datasets.Dataset.from_dict(columns, features=features or _default_features(splits))
+            ds.to_parquet(root / f"{split}-00000-of-00001.parquet")
+        return root
+
+    return make
+
+
+def _default_features(splits):
+    import datasets
+
+    labels = [v for columns in splits.values() for v in columns["label"]]
+    if all(isinstance(v, int) for v in labels):
+        label = datasets.ClassLabel(names=[f"c{i}" for i in range(max(labels) + 1)])
+    else:
+        label = datasets.Value("string")
+    return datasets.Features({"image": datasets.Image(), "label": label})

@@ -154,13 +154,13 @@ def test_wrong_size_and_corrupt_images_fail_with_the_row(tmp_path):
 
     ds = datasets.Dataset.from_dict({"img": [png((32, 32)), png((32, 32)), png((40, 32))], "label": [0, 1, 2]})
     ds = ds.cast_column("img", datasets.Image())
-    with pytest.raises(DataError, match="row 2 holds a 40x32 image"):
+    with pytest.raises(DataError, match="image at row 2 is 40x32"):
         cifar_tensors(ds, "img", "label", cache_dir=tmp_path)
     images, _ = cifar_tensors(ds.select([0, 1]), "img", "label", cache_dir=tmp_path)
     assert (images == 3).all()  # greyscale became 3 equal channels
 
     broken = datasets.Dataset.from_dict({"img": [png((32, 32)), {"bytes": b"garbage", "path": "x.png"}], "label": [0, 1]})
-    with pytest.raises(DataError, match=r"at row 1 \(path='x.png'\)"):
+    with pytest.raises(DataError, match=r"1 of the 2 images .*\n  row 1 \(path='x.png'\)"):
         cifar_tensors(broken.cast_column("img", datasets.Image()), "img", "label", cache_dir=tmp_path)
 
 
