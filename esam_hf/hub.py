@@ -1,60 +1,140 @@
-"""Model cards: fill `model_cards/image_classification.md` from a finished `ESAMTrainer`."""
+"""Model cards for `ESAMTrainer` runs, with metadata the Hugging Face Hub understands.
+
+* Image classifiers get `model_cards/image_classification.md`: a readable ESAM card whose YAML
+  header is built with `huggingface_hub` (`ModelCardData`, `EvalResult`): `library_name`,
+  `pipeline_tag`, `base_model`, `datasets` (Hub ids only), `metrics` and a `model-index` with the
+  top-1/top-5 accuracies on the evaluation split (its name and size; "subset" when it is one).
+  `save_image_processor` writes the image processor next to the model.
+* Every other model gets the Trainer's own card (`Trainer.create_model_card`: task, dataset,
+  metrics, `finetuned_from`) plus `model_cards/esam_section.md` (`add_esam_section`).
+
+`ESAMTrainer.create_model_card` (and so `push_to_hub`) picks one of the two. This module does not
+import `esam_hf.trainer`: the ESAM hyper-parameters come in as a dict (`esam_config(args)`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections.abc import Mapping
 from importlib import resources
 from string import Template
 from typing import Any
 
-CARD_TAGS = ["esam", "sam", "timm", "image-classification"]
+from . import recipes
+
+IMAGE_TASK = "image-classification"
+LIBRARY_TAG = "esam-hf"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+# Metric ids in `model-index`: the Hub's `accuracy` for top-1; no Hub metric id exists for top-k,
+# so `top_{k}_accuracy` (with a readable name), as `esam_hf.metrics` names them.
+_TOPK_KEY = re.compile(r"^top_?(\d+)_accuracy$")
+_ESAM_DEFAULTS = {"adaptive": False, "bn_stats": "clean", "selection": "sharpness", "gamma_warmup": 0.0,
+                  "gamma_schedule": "linear"}
+_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet-1k"}
+_TRAINER_TEXT_START = "\n## Model description"  # where the Trainer's card body turns to boilerplate
+_FRAMEWORK_VERSIONS = "### Framework versions"
 
 
-def _method(config: dict[str, Any]) -> str:
-    if config["esam_rho"] == 0:
-        return "With rho = 0 this run is plain training with the base optimizer (the SGD baseline)."
-    if config["esam_beta"] == 1 and config["esam_gamma"] == 1:
-        return "With beta = gamma = 1 this run is SAM (both passes on every weight and every example)."
-    text = ("ESAM: each step perturbs a random beta-fraction of the parameter tensors by "
-            "rho/beta along the gradient and descends on the gamma-fraction of the batch "
-            "whose loss rises most under the perturbation.")
-    if config["esam_selection"] != "sharpness":
-        text += f" Examples selected by `{config['esam_selection']}` instead of instance sharpness."
-    if config["esam_gamma_warmup"] > 0:
+# --------------------------------------------------------------------------- #
+# What the run trained
+# --------------------------------------------------------------------------- #
+def esam_settings(esam: Mapping[str, Any]) -> dict[str, Any]:
+    """ESAM hyper-parameters without the `esam_` prefix (`esam_config(args)` or `esam_config(args, prefix=False)`)."""
+    settings = {**_ESAM_DEFAULTS, **{k.removeprefix("esam_"): v for k, v in esam.items()}}
+    missing = [k for k in ("rho", "beta", "gamma") if k not in settings]
+    if missing:
+        raise ValueError(f"ESAM settings lack {missing}; pass esam=esam_hf.trainer.esam_config(args)")
+    return settings
+
+
+def method_of(esam: Mapping[str, Any]) -> str:
+    """"sgd" (rho = 0: the base optimizer alone), "sam" (beta = gamma = 1) or "esam"."""
+    return recipes.method_of({f"esam_{k}": v for k, v in esam_settings(esam).items()})
+
+
+def method_label(esam: Mapping[str, Any]) -> str:
+    """The method a run trained, for people: "SGD baseline (rho = 0)", "SAM (rho = 0.05)", "ESAM (...)"."""
+    s, method = esam_settings(esam), method_of(esam)
+    if method == "sgd":
+        return "SGD baseline (rho = 0)"
+    name = ("ASAM" if s["adaptive"] else "SAM") if method == "sam" else ("ESAM (adaptive)" if s["adaptive"] else "ESAM")
+    if method == "sam":
+        return f"{name} (rho = {s['rho']})"
+    details = [f"rho = {s['rho']}", f"beta = {s['beta']}", f"gamma = {s['gamma']}"]
+    if s["selection"] != "sharpness":
+        details.append(f"{s['selection']} selection")
+    if s["gamma_warmup"] > 0 and s["gamma"] < 1:
+        details.append(f"gamma warm-up {s['gamma_warmup']:.0%}")
+    return f"{name}, {', '.join(details)}"
+
+
+def method_text(esam: Mapping[str, Any]) -> str:
+    """What the method did in this run, in a paragraph."""
+    s, method = esam_settings(esam), method_of(esam)
+    if method == "sgd":
+        return ("With rho = 0 this run is plain training with the base optimizer (the SGD baseline): "
+                "no perturbation, one forward and backward pass per step.")
+    if method == "sam":
+        text = ("With beta = gamma = 1 this run is SAM: every step takes the gradient, perturbs every weight by "
+                "rho along it and descends with the gradient at the perturbed weights on the whole batch.")
+        return text + (" The perturbation is scaled per weight (ASAM)." if s["adaptive"] else "")
+    text = ("ESAM: each step perturbs a random beta-fraction of the parameter tensors by rho/beta along the "
+            "gradient (Stochastic Weight Perturbation) and descends on the gamma-fraction of the batch ")
+    text += {
+        "sharpness": "whose loss rises most under the perturbation (Sharpness-sensitive Data Selection).",
+        "loss": "with the highest loss at the perturbed weights (`loss` selection instead of instance sharpness).",
+        "random": "drawn uniformly at random (`random` selection instead of instance sharpness).",
+    }.get(s["selection"], f"selected by `{s['selection']}`.")
+    if s["beta"] == 1:
+        text += " With beta = 1 every weight is perturbed (no SWP)."
+    if s["gamma"] == 1:
+        text += " With gamma = 1 the whole batch is used (no SDS)."
+    elif s["gamma_warmup"] > 0:
         text += (f" The selected fraction starts at the whole batch and reaches gamma after "
-                 f"{config['esam_gamma_warmup']:.0%} of training ({config['esam_gamma_schedule']}).")
+                 f"{s['gamma_warmup']:.0%} of training ({s['gamma_schedule']}).")
+    if s["adaptive"]:
+        text += " The perturbation is scaled per weight (ASAM)."
     return text
 
 
-def _rows(values: dict[str, Any]) -> str:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-    return "\n".join(f"| {k} | {fmt(v)} |" for k, v in values.items()) or "| (none) | |"
+def method_tags(esam: Mapping[str, Any]) -> list[str]:
+    return {"sgd": [], "sam": ["sam"], "esam": ["esam", "sam"]}[method_of(esam)]
 
 
-def render_model_card(
-    *,
-    model_name: str,
-    backbone: str,
-    dataset: str,
-    num_classes: int,
-    esam: dict[str, Any],
-    training: dict[str, Any],
-    metrics: dict[str, Any],
-    recipe: str = "custom",
-    model_id: str | None = None,
-    tags: list[str] | None = None,
-    license: str = "apache-2.0",
-) -> str:
-    """The filled card (YAML metadata + markdown) as a string."""
-    template = Template(resources.files("esam_hf.model_cards").joinpath("image_classification.md").read_text())
-    all_tags = list(dict.fromkeys(CARD_TAGS + list(tags or [])))
-    return template.substitute(
-        model_name=model_name, backbone=backbone, dataset=dataset, num_classes=num_classes, recipe=recipe,
-        rho=esam["esam_rho"], beta=esam["esam_beta"], gamma=esam["esam_gamma"], adaptive=esam["esam_adaptive"],
-        bn_stats=esam["esam_bn_stats"], method=_method(esam), training=_rows(training), metrics=_rows(metrics),
-        model_id=model_id or model_name, tags="\n".join(f"- {t}" for t in all_tags), license=license,
-    )
+def _esam_table(esam: Mapping[str, Any]) -> str:
+    s = esam_settings(esam)
+    warmup = f"{s['gamma_warmup']} ({s['gamma_schedule']})" if s["gamma_warmup"] > 0 else "none"
+    return ("| rho | beta (SWP) | gamma (SDS) | adaptive (ASAM) | BatchNorm statistics | SDS selection | gamma warm-up |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {s['rho']} | {s['beta']} | {s['gamma']} | {s['adaptive']} | {s['bn_stats']} | {s['selection']} | {warmup} |")
+
+
+# --------------------------------------------------------------------------- #
+# What the trainer knows
+# --------------------------------------------------------------------------- #
+def _unwrap(trainer):
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.unwrap_model(trainer.model) if accelerator is not None else trainer.model
+
+
+def run_precision(trainer) -> str:
+    """The precision the run trained in: the accelerator's mixed precision (which also reflects
+    `accelerate launch` / ACCELERATE_MIXED_PRECISION, not only `--bf16`/`--fp16`) and the weights' dtype."""
+    import torch
+
+    args = trainer.args
+    accelerator = getattr(trainer, "accelerator", None)
+    mixed = getattr(accelerator, "mixed_precision", None) if accelerator is not None else None
+    if mixed is None:
+        mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    dtype = next((p.dtype for p in _unwrap(trainer).parameters() if p.is_floating_point()), torch.float32)
+    weights = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+    text = weights if mixed in (None, "no") else f"{mixed} mixed precision (autocast, {weights} weights)"
+    if getattr(args, "tf32", None):
+        text += ", TF32 matmuls"
+    return text
 
 
 def _describe_optimizer(optimizer) -> str:
@@ -63,51 +143,499 @@ def _describe_optimizer(optimizer) -> str:
     return type(optimizer).__name__ + (f" ({', '.join(extras)})" if extras else "")
 
 
-def trainer_card_fields(trainer) -> dict[str, Any]:
-    """What a card says about a trainer's run: backbone, hyper-parameters, last metrics, throughput."""
-    from .trainer import esam_config
-
-    args, model = trainer.args, trainer.accelerator.unwrap_model(trainer.model)
-    config = getattr(model, "config", None)
-    history = trainer.state.log_history
-    metrics = {}
-    for entry in history:
-        metrics.update({k: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))})
-    train_summary = next((h for h in reversed(history) if "train_samples_per_second" in h), {})
+def training_summary(trainer) -> dict[str, Any]:
+    """Hyper-parameters and throughput of the run, for the card's "Training" table."""
+    args, history = trainer.args, trainer.state.log_history
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # unwrap accelerate's wrapper
-    training = {
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    rows = {
         "optimizer": _describe_optimizer(optimizer) if optimizer is not None else args.optim,
         "learning rate": args.learning_rate,
+        "learning-rate schedule": scheduler + (f", warm-up {args.warmup_steps}" if args.warmup_steps else ""),
         "weight decay": args.weight_decay,
-        "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
+        "training length": f"{args.num_train_epochs} epochs" if args.max_steps <= 0 else f"{args.max_steps} steps",
+        "optimizer steps": trainer.state.global_step,
         "batch size (global)": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size),
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision": run_precision(trainer),
         "seed": args.seed,
     }
-    if "train_samples_per_second" in train_summary:
-        training["throughput (images/s, whole run)"] = train_summary["train_samples_per_second"]
-    return {
-        "backbone": getattr(config, "architecture", None) or type(model).__name__,
-        "num_classes": getattr(config, "num_labels", None) or "?",
-        "esam": esam_config(args),
-        "training": training,
-        "metrics": metrics,
-    }
+    if args.label_smoothing_factor:
+        rows["label smoothing"] = args.label_smoothing_factor
+    if args.world_size > 1:
+        rows["devices"] = args.world_size
+    summary = next((h for h in reversed(history) if "train_samples_per_second" in h), {})
+    if "train_loss" in summary:
+        rows["final train loss (mean over the run)"] = summary["train_loss"]
+    if "train_samples_per_second" in summary:
+        rows["throughput (examples/s, whole run)"] = summary["train_samples_per_second"]
+    return rows
 
 
-def write_model_card(trainer, output_dir: str | None = None, *, model_name: str | None = None,
-                     dataset: str | list[str] | None = None, tags: list[str] | None = None,
-                     recipe: str | None = None, license: str | None = None) -> str:
-    """Write README.md (the card) into `output_dir` (default `args.output_dir`); return its path."""
+def eval_metrics(trainer) -> dict[str, Any]:
+    """The last evaluation's metrics (`eval_accuracy`, `eval_top5_accuracy`, `eval_loss`, ...)."""
+    for entry in reversed(trainer.state.log_history):
+        found = {k: v for k, v in entry.items()
+                 if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}
+        if found:
+            return found
+    return {}
+
+
+def framework_versions(*, timm: bool = True) -> dict[str, str]:
+    """Versions of what trained the model: PyTorch, Transformers, timm, Datasets, esam_hf."""
+    import torch
+    import transformers
+
+    versions = {"PyTorch": torch.__version__, "Transformers": transformers.__version__}
+    for label, module in (("timm", "timm"), ("Datasets", "datasets")):
+        if module == "timm" and not timm:
+            continue
+        try:
+            versions[label] = __import__(module).__version__
+        except ImportError:
+            pass
+    from . import __version__
+
+    versions["esam_hf"] = __version__
+    return versions
+
+
+def _list_versions(versions: Mapping[str, str]) -> str:
+    return "\n".join(f"- {name} {version}" for name, version in versions.items())
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _rows(values: Mapping[str, Any]) -> str:
+    return "\n".join(f"| {k} | {_fmt(v)} |" for k, v in values.items()) or "| (none) | |"
+
+
+def _listify(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+# --------------------------------------------------------------------------- #
+# Datasets and evaluation
+# --------------------------------------------------------------------------- #
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~")) or "\\" in name:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_card_dataset(dataset: str | None, dataset_name: str | None = None, eval_split: str | None = None) -> dict[str, Any]:
+    """`{"hub_id", "path", "name", "eval_split"}` for a dataset given as a Hub id, a local path or an
+    `esam_hf` alias (`cifar10` -> `uoft-cs/cifar10`). Only Hub ids go into the card's metadata."""
+    if not dataset:
+        return {"hub_id": None, "path": None, "name": dataset_name, "eval_split": eval_split}
+    name, path = dataset_name, dataset
+    try:
+        from .data import BUILTIN_DATASETS
+    except ImportError:  # pragma: no cover
+        BUILTIN_DATASETS = {}
+    spec = BUILTIN_DATASETS.get(dataset)
+    if spec is not None:
+        path, eval_split = spec.path, eval_split or spec.eval_split
+        name = name or _DATASET_NAMES.get(dataset, dataset)
+    if _is_hub_id(path):
+        return {"hub_id": path, "path": None, "name": name or path, "eval_split": eval_split}
+    local = os.path.basename(os.path.normpath(path))
+    return {"hub_id": None, "path": path, "name": name or (dataset if spec is not None else local), "eval_split": eval_split}
+
+
+def _evaluation(eval_split: str | None, eval_samples: int | None, eval_split_size: int | None,
+                unit: str = "images") -> tuple[str, str, bool]:
+    """(table cell, results sentence, is a subset) for the evaluation split and its size."""
+    split = f"`{eval_split}` split" if eval_split else "evaluation set"
+    subset = eval_samples is not None and eval_split_size is not None and eval_samples < eval_split_size
+    if subset:
+        cell = f"{eval_samples} of the {eval_split_size} {unit} of the {split} (a subset)"
+        note = (f"Evaluated on **{eval_samples} of the {eval_split_size} {unit}** of the {split}: a subset, so the "
+                "numbers below are noisier than, and not directly comparable with, results on the full split.")
+    elif eval_samples is not None:
+        cell = f"{split}, {eval_samples} {unit}" + (" (the full split)" if eval_split_size is not None else "")
+        note = f"Evaluated on the {split} ({eval_samples} {unit}" + (", all of it)." if eval_split_size is not None else ").")
+    else:
+        cell, note = split, f"Evaluated on the {split}."
+    return cell, note, subset
+
+
+def _metric_name(key: str) -> tuple[str, str] | None:
+    """(`model-index` metric type, readable name) for an eval metric key, or None to leave it out."""
+    key = key.removeprefix("eval_")
+    if key == "accuracy":
+        return "accuracy", "Top-1 accuracy"
+    if key == "loss":
+        return None
+    match = _TOPK_KEY.match(key)
+    if match:
+        k = int(match.group(1))
+        return f"top_{k}_accuracy", f"Top-{k} accuracy"
+    return None
+
+
+def _subset_suffix(eval_split, eval_samples, eval_split_size, unit="images") -> str:
+    """" (40 of 1000 test images)" when the evaluation used a subset of its split, else ""."""
+    if eval_samples is not None and eval_split_size is not None and eval_samples < eval_split_size:
+        return f" ({eval_samples} of {eval_split_size} {eval_split or 'evaluation'} {unit})"
+    return ""
+
+
+def eval_results(metrics: Mapping[str, Any], *, task: str, dataset_id: str, dataset_name: str,
+                 eval_split: str | None = None, dataset_config: str | None = None,
+                 eval_samples: int | None = None, eval_split_size: int | None = None) -> list:
+    """`huggingface_hub.EvalResult`s for the accuracy metrics in `metrics` (model-index entries)."""
+    from huggingface_hub import EvalResult
+
+    suffix = _subset_suffix(eval_split, eval_samples, eval_split_size)
+    results = []
+    for key, value in metrics.items():
+        named = _metric_name(key)
+        if named is None or not isinstance(value, (int, float)):
+            continue
+        results.append(EvalResult(
+            task_type=task, task_name=task.replace("-", " ").title(), dataset_type=dataset_id, dataset_name=dataset_name,
+            dataset_config=dataset_config, dataset_split=eval_split, metric_type=named[0], metric_name=named[1] + suffix,
+            metric_value=float(value),
+        ))
+    return results
+
+
+# --------------------------------------------------------------------------- #
+# The image-classification card
+# --------------------------------------------------------------------------- #
+def is_image_classifier(model, tasks=None) -> bool:
+    """A timm backbone in transformers' wrapper, or a caller who says the task is image classification."""
+    if IMAGE_TASK in _listify(tasks):
+        return True
+    try:
+        from transformers import TimmWrapperForImageClassification
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, TimmWrapperForImageClassification)
+
+
+def _needs_esam_models(architecture: str | None) -> bool:
+    try:
+        from .models import CIFAR_MODELS
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(architecture) and architecture.split(".")[0] in CIFAR_MODELS
+
+
+def render_model_card(
+    trainer,
+    *,
+    esam: Mapping[str, Any],
+    model_name: str,
+    dataset: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    eval_split: str | None = None,
+    eval_samples: int | None = None,
+    eval_split_size: int | None = None,
+    recipe: str | None = None,
+    finetuned_from: str | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: str | list[str] | None = None,
+) -> str:
+    """The image-classification card (YAML metadata + markdown) of a finished trainer's run."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model = _unwrap(trainer)
+    config = getattr(model, "config", None)
+    architecture = getattr(config, "architecture", None)
+    is_timm = architecture is not None and hasattr(config, "pretrained_cfg")
+    if finetuned_from is None:  # a model loaded from the Hub by id, as the Trainer infers it
+        source = getattr(config, "_name_or_path", "") or ""
+        finetuned_from = source if source and not os.path.isdir(source) else None
+    if eval_samples is None and trainer.eval_dataset is not None and not isinstance(trainer.eval_dataset, dict):
+        try:
+            eval_samples = len(trainer.eval_dataset)
+        except TypeError:
+            pass
+    ds = resolve_card_dataset(dataset, dataset_name, eval_split)
+    eval_split = ds["eval_split"]
+    metrics = eval_metrics(trainer)
+    num_classes = getattr(config, "num_labels", None) or "?"
+
+    results = []
+    if metrics and (ds["hub_id"] or ds["name"]):
+        # A local dataset still gets results, under its name (no Hub id to link; not in `datasets:`).
+        dataset_type = ds["hub_id"] or re.sub(r"[^\w.-]+", "-", ds["name"]).strip("-").lower()
+        results = eval_results(metrics, task=IMAGE_TASK, dataset_id=dataset_type, dataset_name=ds["name"],
+                               eval_split=eval_split, dataset_config=dataset_config,
+                               eval_samples=eval_samples, eval_split_size=eval_split_size)
+    if license is None and not finetuned_from:
+        license = "apache-2.0"  # trained from scratch by esam_hf; a fine-tune inherits its base model's terms
+    all_tags = list(dict.fromkeys(method_tags(esam) + [LIBRARY_TAG] + (["timm"] if is_timm else []) + [IMAGE_TASK]
+                                  + _listify(tags)))
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag=IMAGE_TASK, license=license, language=language or None,
+        base_model=finetuned_from or None, datasets=[ds["hub_id"]] if ds["hub_id"] else None,
+        metrics=sorted({r.metric_type for r in results}, key=lambda m: (m != "accuracy", m)) or None,
+        tags=all_tags, model_name=model_name, eval_results=results or None,
+    )
+
+    if ds["hub_id"]:
+        dataset_cell = f"[{ds['name']}](https://huggingface.co/datasets/{ds['hub_id']})"
+    elif ds["path"]:
+        dataset_cell = f"`{ds['name']}` (local data: `{ds['path']}`, not on the Hub)"
+    else:
+        dataset_cell = f"`{ds['name']}`" if ds["name"] else "unknown"
+    evaluation, results_note, _ = _evaluation(eval_split, eval_samples, eval_split_size)
+    if not metrics:
+        results_note = "No evaluation was run."
+    if finetuned_from:
+        initial = f"[{finetuned_from}](https://huggingface.co/{finetuned_from}) (fine-tuned; check its license)"
+    else:
+        initial = "random (trained from scratch)"
+    backbone = f"`{architecture}` (timm)" if is_timm else f"`{type(model).__name__}`"
+    metric_rows = {}
+    for key, value in metrics.items():
+        named = _metric_name(key)
+        label = named[1] if named else "Loss" if key == "eval_loss" else None
+        metric_rows[f"{label} (`{key}`)" if label else f"`{key}`"] = value
+
+    template = Template(resources.files("esam_hf.model_cards").joinpath("image_classification.md").read_text())
+    text = template.substitute(
+        card_data=card_data.to_yaml(), model_name=model_name, method_label=method_label(esam), backbone=backbone,
+        initial_weights=initial, dataset=dataset_cell, num_classes=num_classes, evaluation=evaluation,
+        recipe=recipe or "custom", method=f"**{method_label(esam)}.** {method_text(esam)}", esam_table=_esam_table(esam),
+        training=_rows(training_summary(trainer)), results_note=results_note, metrics=_rows(metric_rows),
+        use_setup="import esam_hf.models  # registers esam_hf's CIFAR backbones with timm\n"
+        if _needs_esam_models(architecture) else "",
+        model_id=trainer.args.hub_model_id or model_name, versions=_list_versions(framework_versions(timm=is_timm)),
+    )
+    return str(ModelCard(text))  # parses the metadata back: a malformed header fails here, not on the Hub
+
+
+def write_model_card(
+    trainer,
+    output_dir: str | None = None,
+    *,
+    esam: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    dataset: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    eval_split: str | None = None,
+    eval_samples: int | None = None,
+    eval_split_size: int | None = None,
+    recipe: str | None = None,
+    finetuned_from: str | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: str | list[str] | None = None,
+) -> str:
+    """Write the image-classification card as README.md in `output_dir` (default `args.output_dir`); return its path.
+
+    Args:
+        esam: the run's ESAM hyper-parameters, `esam_hf.trainer.esam_config(trainer.args)` (read from
+            `trainer.args`' `esam_*` fields when omitted).
+        dataset: the dataset's Hub id (`uoft-cs/cifar10`, goes into `datasets:` and `model-index`), a local
+            path (named in the card's text only) or an esam_hf alias (`cifar10`, `cifar10-subset`).
+        dataset_name: display name (default: from the alias, else the id or the folder name).
+        dataset_config: the dataset configuration, if any (`model-index`).
+        eval_split: the split evaluated on (`test`, `validation`).
+        eval_samples: how many examples were evaluated (default: `len(trainer.eval_dataset)`).
+        eval_split_size: how many the full split has; `eval_samples < eval_split_size` is reported as a subset.
+        recipe: the recipe name (`custom` when omitted).
+        finetuned_from: Hub id of the starting weights (`timm/resnet50.a1_in1k` with `--pretrained`): `base_model`.
+        license: default `apache-2.0` when trained from scratch, none for a fine-tune (its base model's terms).
+        language, tags: card metadata (the method's tags, `esam-hf`, `timm` and the task are always added).
+    """
     output_dir = output_dir or trainer.args.output_dir
-    dataset = dataset[0] if isinstance(dataset, list) else dataset
+    if esam is None:
+        esam = {k: v for k, v in vars(trainer.args).items() if k.startswith("esam_")}
     card = render_model_card(
-        model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
-        dataset=dataset or "unknown", tags=tags, recipe=recipe or "custom",
-        model_id=trainer.args.hub_model_id, license=license or "apache-2.0", **trainer_card_fields(trainer),
+        trainer, esam=esam, model_name=model_name or os.path.basename(os.path.normpath(output_dir)), dataset=dataset,
+        dataset_name=dataset_name, dataset_config=dataset_config, eval_split=eval_split, eval_samples=eval_samples,
+        eval_split_size=eval_split_size, recipe=recipe, finetuned_from=finetuned_from, license=license,
+        language=language, tags=tags,
     )
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "README.md")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(card)
     return path
+
+
+def save_image_processor(model, output_dir: str) -> str | None:
+    """Write `preprocessor_config.json` for a timm-wrapper model; return its path (None for other models).
+
+    `TimmWrapperImageProcessor.save_pretrained` deliberately writes nothing: transformers reads a timm
+    model's preprocessing from `config.json` (`pretrained_cfg`), locally and from the Hub. This file says
+    which processor to build (`image_processor_type`) and holds the same `pretrained_cfg` (plus the
+    resolved `data_config`: size, crop, interpolation, mean, std), so tools that look for a
+    preprocessor config find one and `TimmWrapperImageProcessor` can be built from it alone.
+    """
+    config = getattr(model, "config", model)
+    pretrained_cfg = getattr(config, "pretrained_cfg", None)
+    if not pretrained_cfg:
+        return None
+    from transformers import TimmWrapperImageProcessor
+
+    processor = TimmWrapperImageProcessor(pretrained_cfg=dict(pretrained_cfg), architecture=config.architecture)
+    content = {**processor.to_dict(), "pretrained_cfg": dict(pretrained_cfg)}
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, PREPROCESSOR_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Every other model: the Trainer's card plus an ESAM section
+# --------------------------------------------------------------------------- #
+def infer_task(model) -> str | None:
+    """The pipeline task of a transformers model, as `TrainingSummary.from_trainer` infers it."""
+    try:
+        from transformers.modelcard import TASK_MAPPING, _get_mapping_values
+    except ImportError:  # pragma: no cover
+        return None
+    name = type(model).__name__
+    return next((task for task, mapping in TASK_MAPPING.items() if name in _get_mapping_values(mapping)), None)
+
+
+def trainer_card_arguments(dataset=None, dataset_tags=None, dataset_name=None, dataset_args=None, dataset_config=None):
+    """Map this module's dataset convention onto the Trainer's: `dataset` may be a Hub id or a local path
+    (`dataset_name` its display name); the Trainer wants Hub ids in `dataset_tags`, display names in `dataset`."""
+    path = None
+    if dataset_tags is None and isinstance(dataset, str):
+        ds = resolve_card_dataset(dataset, dataset_name)
+        dataset_tags, dataset, path = ds["hub_id"], ds["name"], ds["path"]
+    elif dataset is None:
+        dataset = dataset_name
+    if dataset_args is None:
+        dataset_args = dataset_config
+    return {"dataset": dataset, "dataset_tags": dataset_tags, "dataset_args": dataset_args}, path
+
+
+def add_esam_section(
+    trainer,
+    path: str | None = None,
+    *,
+    esam: Mapping[str, Any],
+    tasks: str | list[str] | None = None,
+    local_dataset: str | None = None,
+    eval_split: str | None = None,
+    eval_samples: int | None = None,
+    eval_split_size: int | None = None,
+    recipe: str | None = None,
+) -> str:
+    """Add the ESAM section, the method's tags, the `pipeline_tag` and esam_hf's version to the card
+    `Trainer.create_model_card` wrote (`path`, default `output_dir/README.md`); return its path."""
+    from huggingface_hub import ModelCard
+
+    path = path or os.path.join(trainer.args.output_dir, "README.md")
+    card = ModelCard.load(path)
+    task_list = _listify(tasks)
+    if len(task_list) == 1 and card.data.get("pipeline_tag") is None:
+        card.data.pipeline_tag = task_list[0]
+    card.data.tags = list(dict.fromkeys(_listify(card.data.tags) + method_tags(esam) + [LIBRARY_TAG]))
+    suffix = _subset_suffix(eval_split, eval_samples, eval_split_size, "examples")
+    for result in card.data.eval_results or []:  # the Trainer knows the split only of a `datasets.Dataset`
+        if result.dataset_split is None and eval_split:
+            result.dataset_split = eval_split
+        if suffix and not (result.metric_name or "").endswith(suffix):
+            result.metric_name = (result.metric_name or result.metric_type) + suffix
+
+    training = training_summary(trainer)
+    if recipe:
+        training = {"recipe": recipe, **training}
+    if local_dataset:
+        training["dataset"] = f"local data `{local_dataset}` (not on the Hub)"
+    if eval_split or eval_samples is not None:
+        training["evaluation"] = _evaluation(eval_split, eval_samples, eval_split_size, "examples")[0]
+    section = Template(resources.files("esam_hf.model_cards").joinpath("esam_section.md").read_text()).substitute(
+        method_label=method_label(esam), method=method_text(esam), esam_table=_esam_table(esam), training=_rows(training),
+    )
+    # A model built from a config has `_name_or_path` "", which the Trainer reports as a fine-tune of "".
+    text = card.text.replace("This model is a fine-tuned version of [](https://huggingface.co/) on",
+                             "This model was trained from scratch on")
+    if eval_split or eval_samples is not None:
+        where = _evaluation(eval_split, eval_samples, eval_split_size, "examples")[0]
+        text = text.replace("results on the evaluation set:", f"results on the evaluation set ({where}):", 1)
+    at = text.find(_TRAINER_TEXT_START)
+    text = text[:at + 1] + section + text[at + 1:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
+    from . import __version__
+
+    at = text.find(_FRAMEWORK_VERSIONS)
+    if at >= 0:  # after the last "- Name version" line of the Trainer's list
+        lines = text[at:].split("\n")
+        end = max((i for i, line in enumerate(lines) if line.startswith("- ")), default=1)
+        lines.insert(end + 1, f"- esam_hf {__version__}")
+        text = text[:at] + "\n".join(lines)
+    else:
+        text = text.rstrip("\n") + f"\n\n{_FRAMEWORK_VERSIONS}\n\n" + _list_versions(framework_versions(timm=False)) + "\n"
+    card.text = text
+    card.save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# The entry point of `ESAMTrainer.create_model_card` (and so of `push_to_hub`)
+# --------------------------------------------------------------------------- #
+def create_model_card(
+    trainer,
+    trainer_card=None,
+    *,
+    esam: Mapping[str, Any],
+    language=None,
+    license=None,
+    tags=None,
+    model_name=None,
+    finetuned_from=None,
+    tasks=None,
+    dataset_tags=None,
+    dataset=None,
+    dataset_args=None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    eval_split: str | None = None,
+    eval_samples: int | None = None,
+    eval_split_size: int | None = None,
+    recipe: str | None = None,
+) -> str:
+    """Write `trainer`'s card to `output_dir/README.md`; return its path.
+
+    The first ten arguments are `Trainer.create_model_card`'s; the rest describe the run (see
+    `write_model_card`). `dataset` is a Hub id or a local path (`dataset_name` its display name); the
+    Trainer's own convention (`dataset_tags` = Hub ids, `dataset` = display names) works too.
+    Image classifiers get the image card and `preprocessor_config.json`; any other model gets
+    `trainer_card(...)` (`Trainer.create_model_card`, unbound from the ESAMTrainer) plus `add_esam_section`.
+    """
+    model = _unwrap(trainer)
+    if is_image_classifier(model, tasks):
+        if dataset_tags is not None:  # the Trainer's convention
+            dataset_name = dataset_name or (_listify(dataset) or [None])[0]
+            dataset = _listify(dataset_tags)[0] if _listify(dataset_tags) else None
+        elif isinstance(dataset, (list, tuple)):
+            dataset = dataset[0] if dataset else None
+        save_image_processor(model, trainer.args.output_dir)
+        return write_model_card(
+            trainer, esam=esam, model_name=model_name, dataset=dataset, dataset_name=dataset_name,
+            dataset_config=dataset_config or (_listify(dataset_args) or [None])[0], eval_split=eval_split,
+            eval_samples=eval_samples, eval_split_size=eval_split_size, recipe=recipe, finetuned_from=finetuned_from,
+            license=license, language=language, tags=tags,
+        )
+    if trainer_card is None:
+        raise ValueError(f"{type(model).__name__} is not an image classifier: pass trainer_card=Trainer.create_model_card")
+    card_kwargs, local_dataset = trainer_card_arguments(dataset, dataset_tags, dataset_name, dataset_args, dataset_config)
+    tasks = tasks or infer_task(model)
+    trainer_card(language=language, license=license, tags=_listify(tags) or None, model_name=model_name,
+                 finetuned_from=finetuned_from, tasks=tasks, **card_kwargs)
+    return add_esam_section(trainer, esam=esam, tasks=tasks, local_dataset=local_dataset, eval_split=eval_split,
+                            eval_samples=eval_samples, eval_split_size=eval_split_size, recipe=recipe)
