@@ -1,34 +1,68 @@
 """Train an image classifier end to end: dataset + timm backbone + ESAMTrainer -> saved, carded model.
 
-The examples and the `esam-hf train` command are thin argument parsers around
-`train_image_classifier`.
+`esam-hf train` (`main`) and the examples are thin argument parsers around `train_image_classifier`.
+Every run records what it trained in `esam_run.json` in its output folder: the settings that
+determine the result, a checksum of the initial weights, the method, and its status (running,
+finished or diverged). A rerun into that folder is refused unless it resumes the same settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import math
 import os
+import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .data import build_datasets, cifar_data_config, load_splits, resolve_dataset
-from .metrics import compute_metrics_fn
-from .models import create_model
-from .trainer import ESAMTrainer, ESAMTrainingArguments
+from .arguments import explicit_options, make_parser, parse_args, usage_error
+from .recipes import RECIPES, RecipeArguments, method_of, optimizer_conflicts, recipe_defaults
+
+RUN_RECORD = "esam_run.json"
+PROG = "esam-hf train"
+# TrainingArguments that change what a run trains (compared before a run is reused or resumed);
+# logging, saving, evaluation and data-loading options do not.
+_RESULT_FIELDS = (
+    "seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "warmup_ratio", "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "optim_args",
+    "label_smoothing_factor", "bf16", "fp16", "tf32", "torch_compile",
+)
 
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
+
     model_name: str = field(default="cifar_resnet18", metadata={"help": "Any timm model name, or cifar_resnet18, cifar_wrn28_10, cifar_pyramidnet110."})
     pretrained: bool = field(default=False, metadata={"help": "Start from timm's pretrained weights (needs the Hub)."})
-    model_kwargs: str | None = field(default=None, metadata={"help": 'JSON dict of extra timm.create_model kwargs, e.g. \'{"drop_rate": 0.1}\'.'})
+    model_kwargs: str | None = field(default=None, metadata={"help": 'JSON object of extra timm.create_model kwargs, e.g. \'{"drop_rate": 0.1}\'.'})
     channels_last: bool = field(default=False, metadata={"help": "Use the channels_last memory format (faster convolutions on GPUs)."})
+
+    def __post_init__(self):
+        self.timm_kwargs()  # a bad --model_kwargs fails here, before any work
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        if not self.model_kwargs:
+            return {}
+        try:
+            kwargs = json.loads(self.model_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model_kwargs must be a JSON object such as '{{\"drop_rate\": 0.1}}': {e}") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--model_kwargs must be a JSON object such as '{{\"drop_rate\": 0.1}}', got {self.model_kwargs!r}")
+        return kwargs
 
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     dataset: str = field(default="cifar10", metadata={"help": "cifar10, cifar100, imagenet, cifar10-subset, a Hub id or a local directory."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (built in for the known datasets)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (built in for the known datasets)."})
@@ -37,87 +71,313 @@ class DataArguments:
     cutout: bool = field(default=True, metadata={"help": "CIFAR: Cutout 16px with p=0.5 (the paper's augmentation)."})
     random_crop: bool = field(default=True, metadata={"help": "CIFAR: random crop 32 with 4px padding."})
     horizontal_flip: bool = field(default=True, metadata={"help": "CIFAR: random horizontal flip."})
+    train_split: str | None = field(default=None, metadata={"help": "Training split (default: train)."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Evaluation split (default: test, else validation); 'none' turns evaluation off."})
+    check_images: bool = field(default=False, metadata={
+        "help": "Decode every training image before the first step, so a bad one is an error naming its split "
+                "and row, not a crash mid-epoch (CIFAR-size data is always decoded up front)."})
+    check_eval_images: bool = field(default=True, metadata={
+        "help": "Decode every evaluation image before training, so a bad one cannot fail the first evaluation."})
 
 
-def build_model_and_data(model_args: ModelArguments, data_args: DataArguments, seed: int = 0):
-    """Resolve the dataset, build the model for its classes, and the data pipeline that matches the
-    model's input config (so training transforms and the saved image processor agree)."""
-    spec = resolve_dataset(data_args.dataset, data_args.image_column, data_args.label_column)
+@dataclass
+class RunArguments:
+    _argument_group_name = "run"
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Delete output_dir first if it holds another run (otherwise a run into a non-empty output_dir is "
+                "refused unless it resumes it with --resume_from_checkpoint last)."})
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch (every device), as the Trainer does before it trains."""
+    from transformers import set_seed as hf_set_seed
+
+    hf_set_seed(seed)
+
+
+def build_model_and_data(model_args: ModelArguments, data_args: DataArguments, seed: int = 0, check_workers: int = 0):
+    """Resolve the dataset, build the model for its classes (weights from `seed`, whatever ran before),
+    and the data pipeline that matches the model's input config (so training transforms and the saved
+    image processor agree). `check_workers` processes decode the images that `data_args` asks to check."""
+    from .data import build_datasets, cifar_data_config, load_splits, resolve_dataset
+    from .models import create_model
+
+    spec = resolve_dataset(data_args.dataset, data_args.image_column, data_args.label_column,
+                           train_split=data_args.train_split, eval_split=data_args.eval_split)
     # The model needs the class names and the pipeline needs the model's data config; this first,
     # validating read is answered from the datasets cache when build_datasets loads the splits again.
     class_names = load_splits(spec, max_train_samples=1, max_eval_samples=1, seed=seed)[2]
-    kwargs = json.loads(model_args.model_kwargs) if model_args.model_kwargs else {}
+    kwargs = model_args.timm_kwargs()
     if spec.kind == "cifar":  # normalisation statistics of this CIFAR, stored in the saved config
         stats = cifar_data_config(len(class_names))
         kwargs.setdefault("pretrained_cfg_overlay", {"mean": tuple(stats["mean"]), "std": tuple(stats["std"])})
+    set_seed(seed)
     model = create_model(model_args.model_name, class_names, pretrained=model_args.pretrained, **kwargs)
     if model_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data = build_datasets(
         spec, dict(model.config.pretrained_cfg), max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples, seed=seed, crop=data_args.random_crop,
-        flip=data_args.horizontal_flip, cutout=data_args.cutout,
+        flip=data_args.horizontal_flip, cutout=data_args.cutout, check_train_images=data_args.check_images,
+        check_eval_images=data_args.check_eval_images, check_workers=check_workers,
     )
     return spec, model, data
 
 
-def paper_sgd(model: torch.nn.Module, args: ESAMTrainingArguments) -> torch.optim.SGD:
+def paper_sgd(model: torch.nn.Module, args) -> torch.optim.SGD:
     """The authors' SGD: momentum 0.9 (or `--optim_args momentum=X`), weight decay on every parameter."""
     options = dict(kv.split("=") for kv in (args.optim_args or "").replace(" ", "").split(",") if kv)
     return torch.optim.SGD(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                            momentum=float(options.get("momentum", 0.9)), nesterov=options.get("nesterov", "") in ("true", "True", "1"))
 
 
-def make_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: ESAMTrainingArguments,
-                 trainer_cls=ESAMTrainer, **trainer_kwargs) -> ESAMTrainer:
-    """An ESAMTrainer (or `trainer_cls`) wired to the model, data and top-1/top-5 metrics.
+def make_trainer(model_args: ModelArguments, data_args: DataArguments, training_args, trainer_cls=None, **trainer_kwargs):
+    """An ESAMTrainer (or `trainer_cls`) wired to the model, data and top-1/top-5 metrics."""
+    _, model, data = build_model_and_data(model_args, data_args, training_args.seed,
+                                          check_workers=training_args.dataloader_num_workers)
+    return image_trainer(model, data, training_args, trainer_cls, **trainer_kwargs)
+
+
+def image_trainer(model, data, training_args, trainer_cls=None, **trainer_kwargs):
+    """The trainer of `make_trainer` for a model and data already built.
     `optim="sgd"` means the paper's SGD (`paper_sgd`), not the Trainer's momentum-free default."""
+    from .metrics import compute_metrics_fn
+    from .trainer import ESAMTrainer
+
     training_args.remove_unused_columns = False  # datasets already yield model inputs; nothing to prune
-    _, model, data = build_model_and_data(model_args, data_args, training_args.seed)
     top_k = (1, 5) if len(data.class_names) >= 10 else (1,)
     if training_args.optim == "sgd":
         trainer_kwargs.setdefault("optimizers", (paper_sgd(model, training_args), None))
-    return trainer_cls(
+    return (trainer_cls or ESAMTrainer)(
         model=model, args=training_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
         data_collator=data.collator, compute_metrics=compute_metrics_fn(top_k), **trainer_kwargs,
     )
 
 
-def train_image_classifier(model_args: ModelArguments, data_args: DataArguments, training_args: ESAMTrainingArguments,
-                           recipe: str = "custom", resume_from_checkpoint: str | bool | None = None,
-                           callbacks: list | None = None) -> dict[str, Any]:
-    """Train, evaluate, save the model (with its image processor config and card) to `output_dir`.
+# --------------------------------------------------------------------------- #
+# What a run trained: its record
+# --------------------------------------------------------------------------- #
+def run_settings(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict[str, Any]:
+    """The settings that determine a run's result, JSON-ready."""
+    from .trainer import esam_config
 
-    Returns the final metrics: train throughput and eval accuracy."""
-    trainer = make_trainer(model_args, data_args, training_args, callbacks=callbacks)
-    train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    metrics = dict(train_result.metrics)
-    if trainer.eval_dataset is not None:
+    training = {name: getattr(training_args, name) for name in _RESULT_FIELDS if hasattr(training_args, name)}
+    training.update(esam_config(training_args))
+    settings = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+                "training": training, "world_size": training_args.world_size}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 of the model's state (parameters and buffers), to show runs start from the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_record(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, RUN_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the run record is damaged; delete {output_dir} "
+                         "(or pass --overwrite_output_dir) to train it again.") from None
+
+
+def write_json(path: str, content: Any) -> None:
+    """Write JSON atomically: a kill mid-write leaves the previous file, never a truncated one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def settings_differences(recorded: dict, settings: dict) -> list[str]:
+    """`section.name: recorded -> now` for every setting that differs."""
+    diffs = []
+    for section in sorted(set(recorded) | set(settings)):
+        old, new = recorded.get(section), settings.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diffs += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                      if old.get(k) != new.get(k)]
+        elif old != new:
+            diffs.append(f"{section}: {old!r} -> {new!r}")
+    return diffs
+
+
+def prepare_output_dir(output_dir: str, settings: dict, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs in one folder: a non-empty `output_dir` is only reused to resume the same
+    settings (or emptied with `overwrite`)."""
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    if overwrite:
+        shutil.rmtree(output_dir)
+        return
+    record = read_record(output_dir)
+    if resume and record is not None:
+        diffs = settings_differences(record["settings"], settings)
+        if diffs:
+            raise ValueError(f"--resume_from_checkpoint: {output_dir} was trained with other settings ("
+                             + "; ".join(diffs[:8]) + "). Resume with the same options, or pass "
+                             "--overwrite_output_dir to start over, or choose another --output_dir.")
+        return
+    if resume:
+        raise ValueError(f"--resume_from_checkpoint: {output_dir} has no {RUN_RECORD}, so what trained it is unknown; "
+                         "pass --overwrite_output_dir to start over, or choose another --output_dir.")
+    what = f"a {record['status']} {record.get('method', '')} run".replace("  ", " ") if record else "other files"
+    raise ValueError(f"--output_dir {output_dir} already holds {what}. Continue it with --resume_from_checkpoint last, "
+                     "replace it with --overwrite_output_dir, or choose another --output_dir.")
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+def train_image_classifier(model_args: ModelArguments, data_args: DataArguments, training_args,
+                           recipe: str = "custom", resume_from_checkpoint: str | bool | None = None,
+                           callbacks: list | None = None, train: bool = True, evaluate: bool = True) -> dict[str, Any]:
+    """Train (`train`), save the model (with its image processor config and card), evaluate
+    (`evaluate`); record the run in `esam_run.json`. Returns the final metrics. (`esam-hf train`
+    passes `--do_train` / `--do_eval` here, both on unless one of them is given.)
+
+    A run that diverged (non-finite gradients or weights) records "diverged", writes its results
+    with the reason and raises `TrainingDiverged`: it never reports a score as if it had trained."""
+    from .trainer import TrainingDiverged, esam_config
+
+    output_dir = training_args.output_dir
+    settings = run_settings(model_args, data_args, training_args)
+    spec, model, data = build_model_and_data(model_args, data_args, training_args.seed,
+                                             check_workers=training_args.dataloader_num_workers)
+    trainer = image_trainer(model, data, training_args, callbacks=callbacks)
+    record = read_record(output_dir) or {}
+    record.update(settings=settings, method=method_of(esam_config(training_args)), recipe=recipe, status="running",
+                  train_samples=len(data.train_dataset) if data.train_dataset is not None else None,
+                  eval_samples=len(data.eval_dataset) if data.eval_dataset is not None else None)
+    record.setdefault("initial_weights_sha256", weights_checksum(trainer.model))
+    if trainer.is_world_process_zero():
+        os.makedirs(output_dir, exist_ok=True)
+        write_json(os.path.join(output_dir, RUN_RECORD), record)
+
+    metrics: dict[str, Any] = {}
+    if train:
+        try:
+            metrics.update(trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics)
+        except TrainingDiverged as e:
+            _finish(trainer, record, {**metrics, "diverged": str(e)}, status="diverged")
+            raise
+        # Save before evaluating: an evaluation error must not cost the finished training.
+        trainer.save_model()
+        trainer.save_state()
+    if evaluate and trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    trainer.save_model()
-    trainer.save_state()
-    trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics)
-    kwargs = {"dataset": data_args.dataset, "recipe": recipe, "model_name": os.path.basename(os.path.normpath(training_args.output_dir))}
-    trainer.create_model_card(**kwargs)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
+    broken = [k for k in ("train_loss", "eval_loss") if k in metrics and not math.isfinite(metrics[k])]
+    if broken:  # finite weights whose outputs overflow: no score of this model means anything
+        reason = (f"{' and '.join(broken)} not finite: the weights grew until the model's outputs overflow "
+                  "(lower the learning rate or weight decay)")
+        kept = {k: v for k, v in metrics.items() if not k.endswith("accuracy")}  # scores of a broken model: dropped
+        _finish(trainer, record, {**kept, "diverged": reason}, status="diverged")
+        raise TrainingDiverged(f"training diverged: {reason}")
+    _finish(trainer, record, metrics, status="finished")
+    if train:
+        kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, output_dir)
+        trainer.create_model_card(**kwargs)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**kwargs)
     return metrics
 
 
-def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, recipe: str = "custom",
-         prog: str | None = None) -> dict[str, Any]:
-    """Parse model, data and ESAMTrainingArguments flags (over `defaults`), train, print the results."""
-    from transformers import HfArgumentParser
+def card_kwargs(spec, data, model, model_args: ModelArguments, data_args: DataArguments, recipe: str,
+                output_dir: str) -> dict[str, Any]:
+    """What the model card says about the run: the dataset's Hub id (or path) and the name it was asked
+    by, the evaluated split and how much of it, the recipe, and the pretrained weights it started from."""
+    finetuned_from = None
+    if model_args.pretrained:
+        cfg = getattr(getattr(model, "timm_model", model), "pretrained_cfg", None) or {}
+        finetuned_from = cfg.get("hf_hub_id") or model_args.model_name
+    return {"dataset": spec.path, "dataset_name": data_args.dataset, "eval_split": spec.eval_split,
+            "eval_samples": len(data.eval_dataset) if data.eval_dataset is not None else None,
+            "eval_split_size": data.eval_split_size, "recipe": recipe, "finetuned_from": finetuned_from,
+            "model_name": os.path.basename(os.path.normpath(output_dir))}
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, ESAMTrainingArguments), prog=prog)
-    parser.set_defaults(**{"remove_unused_columns": False, "report_to": "none", **(defaults or {})})
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    # TrainingArguments' own --resume_from_checkpoint; "last" picks the newest checkpoint in output_dir.
+
+def _finish(trainer, record: dict, metrics: dict, status: str) -> None:
+    if metrics:  # the Trainer's log_metrics fails on an empty dict (neither trained nor evaluated)
+        trainer.log_metrics("all", metrics)
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(trainer.args.output_dir, "all_results.json"), metrics)
+        write_json(os.path.join(trainer.args.output_dir, RUN_RECORD), {**record, "status": status, "metrics": metrics})
+
+
+# --------------------------------------------------------------------------- #
+# `esam-hf train`
+# --------------------------------------------------------------------------- #
+TRAIN_DEFAULTS = {"remove_unused_columns": False, "report_to": "none"}
+
+
+def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG):
+    """`(recipe_args, run_args, model_args, data_args, training_args)` from the command line: a recipe's
+    defaults (and `defaults`) under the flags given; an `--optimizer` that contradicts a flag is refused."""
+    from .trainer import ESAMTrainingArguments
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = make_parser([RecipeArguments], prog=prog, add_help=False)
+    recipe = pre.parse_known_args(argv)[0]  # the recipe decides the other options' defaults
+    defaults = {**TRAIN_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(), **(defaults or {}),
+                **recipe_defaults(recipe.recipe, recipe.optimizer)}
+    recipes = "; ".join(f"{name} ({r.model} on {r.dataset}, {r.epochs} epochs)" for name, r in RECIPES.items())
+    parser = make_parser(
+        [RecipeArguments, RunArguments, ModelArguments, DataArguments, ESAMTrainingArguments], prog=prog,
+        defaults=defaults, first_group=("ESAM (sharpness-aware minimization)", "esam_"),
+        description="Train an image classifier with ESAM, SAM or SGD. Recipes: " + recipes + ".",
+        epilog="Every transformers TrainingArguments option is accepted. --resume_from_checkpoint last continues "
+               "the newest checkpoint in --output_dir.")
+    parsed = parse_args(parser, argv)
+    recipe_args, training_args = parsed[0], parsed[-1]
+    explicit = explicit_options(parser, argv)
+    conflicts = optimizer_conflicts(recipe_args.optimizer, vars(training_args), explicit)
+    if conflicts:
+        parser.error(f"--optimizer {recipe_args.optimizer or 'esam'} contradicts {', '.join(conflicts)}: a run is "
+                     "labelled by its optimizer, so drop one of them.")
+    if not explicit & {"do_train", "do_eval", "do_predict"}:  # neither given: train and evaluate
+        training_args.do_train = training_args.do_eval = True
+    return parsed
+
+
+def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG) -> dict[str, Any]:
+    """Parse the options (over `defaults`), train, print the results."""
+    recipe_args, run_args, model_args, data_args, training_args = parse(argv, defaults, prog)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        usage_error(prog,
+            f"started as {launched} processes (accelerate launch / torchrun), but there is no GPU here, so each process "
+            f"would train its own model into one folder. Add --use_cpu for real {launched}-process DDP on CPU "
+            "(gloo), or launch a single process.")
+    # "last" (TrainingArguments' own option) picks the newest checkpoint in output_dir.
     resume = True if training_args.resume_from_checkpoint == "last" else training_args.resume_from_checkpoint
-    metrics = train_image_classifier(model_args, data_args, training_args, recipe=recipe, resume_from_checkpoint=resume)
     if training_args.should_save:
-        print(results_table({f"{recipe if recipe != 'custom' else model_args.model_name}": metrics}))
+        try:
+            prepare_output_dir(training_args.output_dir, run_settings(model_args, data_args, training_args),
+                               resume=bool(resume), overwrite=run_args.overwrite_output_dir)
+        except ValueError as e:
+            usage_error(prog, str(e))
+    label = f"{recipe_args.recipe} ({recipe_args.optimizer or 'esam'})" if recipe_args.recipe else model_args.model_name
+    from .trainer import TrainingDiverged
+
+    try:
+        metrics = train_image_classifier(model_args, data_args, training_args, recipe=recipe_args.recipe or "custom",
+                                         resume_from_checkpoint=resume, train=training_args.do_train,
+                                         evaluate=training_args.do_eval)
+    except TrainingDiverged as e:  # recorded as diverged in output_dir; no score to print
+        print(f"{prog}: training diverged: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if training_args.should_save:
+        print(results_table({label: metrics}))
         print(f"\nSaved to {training_args.output_dir}: model, preprocessing config and model card (README.md)")
     return metrics
 

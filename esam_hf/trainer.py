@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, SELECTIONS, check_esam_args, scheduled_gamma
@@ -17,6 +19,8 @@ from .losses import model_head, per_example_scores, unwrap_model
 ESAM_STATE_NAME = "esam_state.pt"
 # Warn when the SDS rows' top-class share exceeds the batch's by this much (a random half: ~0.05).
 CONCENTRATION_WARNING = 0.25
+# Stop as diverged after this many optimizer steps in a row with a non-finite gradient.
+NONFINITE_PATIENCE = 10
 logger = logging.get_logger(__name__)
 
 
@@ -50,7 +54,27 @@ class ESAMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_esam_args(**esam_config(self, prefix=False), prefix="esam_")
+        check_training_args(self)
         super().__post_init__()
+
+
+def check_training_args(args: TrainingArguments) -> None:
+    """Refuse TrainingArguments that would train nothing or train to NaN without saying so."""
+    for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size"):
+        if not (isinstance(getattr(args, name), int) and getattr(args, name) >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {getattr(args, name)!r}")
+    if args.max_steps == 0:
+        raise ValueError("max_steps must be > 0 (a number of optimizer steps) or -1 to train num_train_epochs, got 0")
+    if args.max_steps < 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise ValueError(f"num_train_epochs must be a finite number > 0 (or set max_steps > 0), got {args.num_train_epochs!r}")
+
+
+class TrainingDiverged(RuntimeError):
+    """Training ended with non-finite weights, or stopped after non-finite gradients step after step."""
 
 
 _ESAM_DEFAULTS = {name: f.default for name, f in ESAMTrainingArguments.__dataclass_fields__.items() if name.startswith("esam_")}
@@ -88,6 +112,7 @@ class ESAMTrainer(Trainer):
             )
         config = esam_config(self.args, prefix=False)
         check_esam_args(**config, prefix="esam_")
+        check_training_args(self.args)
         if config["rho"] > 0 and self.args.ddp_static_graph:
             raise ValueError(
                 "ddp_static_graph=True is not supported by ESAMTrainer at esam_rho > 0: the ascent pass runs "
@@ -104,6 +129,8 @@ class ESAMTrainer(Trainer):
         self.esam: ESAM | None = None
         self._head = model_head(self.model)  # the loss the model trains: how SDS scores its examples
         self._class_shares, self._class_share_steps, self._warned_concentration = None, 0, False
+        self.nonfinite_guard = NonFiniteGradientGuard()
+        self.add_callback(self.nonfinite_guard)
 
     def _get_esam(self) -> ESAM:
         if self.esam is None:
@@ -115,7 +142,20 @@ class ESAMTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self.esam = None  # `model_init` may build a new model
-        return super().train(*args, **kwargs)
+        self.nonfinite_guard.reset()
+        output = super().train(*args, **kwargs)
+        guard = self.nonfinite_guard
+        reason = guard.diverged
+        params = [p for p in self.model.parameters()]
+        if reason is None and params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+            reason = "the weights are no longer finite (NaN or infinite) at the end of training"
+        if reason is not None:
+            raise TrainingDiverged(f"training diverged: {reason}. Lower the learning rate or weight decay, or check "
+                                   "the data; the weights of this run are not usable.")
+        if guard.skipped:
+            logger.warning(f"{guard.skipped} optimizer step(s) were skipped because the gradient was not finite.")
+            output.metrics["train_skipped_steps"] = guard.skipped
+        return output
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         esam = self._get_esam()
@@ -220,6 +260,7 @@ class ESAMTrainer(Trainer):
                     stats[key] *= self.args.gradient_accumulation_steps
             logs.update(stats)
             logs.update(self._pop_class_shares())
+            logs["esam/skipped_steps"] = self.nonfinite_guard.skipped
         super().log(logs, *args, **kwargs)
 
     def _pop_class_shares(self) -> dict[str, float]:
@@ -239,15 +280,23 @@ class ESAMTrainer(Trainer):
         return {"esam/sds_top_class_share": selected, "esam/batch_top_class_share": batch}
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, recipe=None, **kwargs) -> None:
-        """Write the ESAM model card (`model_cards/image_classification.md`, filled) as README.md
-        in `output_dir`; `push_to_hub` calls this with its keyword arguments."""
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
+        """Write the model card as README.md in `output_dir`; `push_to_hub(**kwargs)` calls this with its kwargs.
+
+        Image classifiers (a `TimmWrapperForImageClassification`, or `tasks="image-classification"`) get
+        esam_hf's image card and their `preprocessor_config.json`; other models get the Trainer's own card
+        plus an ESAM section. `dataset` is a Hub id (goes into the metadata) or a local path (named in the
+        text only); `kwargs` may hold `dataset_name`, `dataset_config`, `eval_split`, `eval_samples`,
+        `eval_split_size` and `recipe` (see `esam_hf.hub.create_model_card`)."""
         if not self.is_world_process_zero():
             return
-        from .hub import write_model_card
+        from .hub import create_model_card
 
-        write_model_card(self, model_name=model_name, dataset=dataset or dataset_tags, recipe=recipe, license=license,
-                         tags=[tags] if isinstance(tags, str) else tags)
+        create_model_card(
+            self, super().create_model_card, esam=esam_config(self.args), language=language, license=license,
+            tags=tags, model_name=model_name, finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
+            dataset=dataset, dataset_args=dataset_args, **kwargs,
+        )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -255,7 +304,58 @@ class ESAMTrainer(Trainer):
             torch.save(self._get_esam().state_dict(), os.path.join(output_dir, ESAM_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
+        with _naming_damaged_checkpoint(checkpoint, "optimizer and scheduler state"):
+            super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, ESAM_STATE_NAME) if checkpoint else None
         if path and os.path.isfile(path):
-            self._get_esam().load_state_dict(torch.load(path, weights_only=True))
+            with _naming_damaged_checkpoint(path, "ESAM state"):
+                self._get_esam().load_state_dict(torch.load(path, weights_only=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with _naming_damaged_checkpoint(resume_from_checkpoint, "model weights"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+@contextlib.contextmanager
+def _naming_damaged_checkpoint(path: str | None, what: str):
+    """A truncated or corrupt checkpoint file fails deep in torch or safetensors with an error that
+    names no file: say which checkpoint, and what to do."""
+    try:
+        yield
+    except Exception as e:  # torch, safetensors and pickle each raise their own types
+        if path is None:
+            raise
+        raise RuntimeError(
+            f"cannot load the {what} from {path}: {type(e).__name__}: {e}. If the checkpoint is damaged (e.g. a run "
+            "killed while saving), delete that checkpoint folder and resume from an earlier one, or start over."
+        ) from e
+
+
+class NonFiniteGradientGuard(TrainerCallback):
+    """Skips an optimizer step whose gradient is not finite (as an fp16 GradScaler does), so NaN or inf
+    never reaches the weights, and stops training as diverged after NONFINITE_PATIENCE such steps in
+    a row. The check reads one flag per optimizer step on the host, the same price as GradScaler's;
+    under fp16 the scaler itself skips those steps."""
+
+    def reset(self):
+        self.skipped, self.in_a_row, self.diverged = 0, 0, None
+
+    def __init__(self):
+        self.reset()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or model is None:
+            return
+        grads = [p.grad if p.grad.layout == torch.strided else p.grad.coalesce().values()
+                 for p in model.parameters() if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            self.in_a_row = 0
+            return
+        # Optimizers skip parameters without a gradient: no momentum, no weight decay, no update.
+        for p in model.parameters():
+            p.grad = None
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= NONFINITE_PATIENCE:
+            self.diverged = f"the gradient was not finite in {self.in_a_row} optimizer steps in a row (up to step {state.global_step + 1})"
+            control.should_training_stop = True

@@ -32,8 +32,9 @@ def test_train_save_reload_pipeline_and_card(tmp_path):
     card = (out / "README.md").read_text()
     for needle in ["- esam", "- sam", "- timm", "- image-classification", "cifar_resnet18", "cifar10-subset",
                    "| 0.1 | 0.5 | 0.5 | False | clean |", "test-recipe", "eval_accuracy", "du2022efficient",
-                   "SGD (momentum 0.9)"]:
+                   "SGD (momentum 0.9)", "40 of the 1000"]:
         assert needle in card, needle
+    assert (out / "preprocessor_config.json").is_file()
 
     reloaded = AutoModelForImageClassification.from_pretrained(out).eval()
     processor = AutoImageProcessor.from_pretrained(out)
@@ -87,3 +88,85 @@ def test_unknown_model_name_lists_close_matches(tmp_path):
     with pytest.raises(ValueError, match="cifar_resnet18"):
         make_trainer(ModelArguments("cifar_resnet19"), DataArguments("cifar10-subset", max_train_samples=16, max_eval_samples=16),
                      ESAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+
+
+TINY = ["--model_name", "cifar_resnet18", "--model_kwargs", '{"channels": [8, 16, 32, 64]}', "--use_cpu",
+        "--disable_tqdm", "true", "--report_to", "none", "--per_device_train_batch_size", "16"]
+
+
+def _record(out):
+    import json
+
+    return json.loads((out / "esam_run.json").read_text())
+
+
+def test_two_builds_with_one_seed_give_identical_weights_whatever_ran_before():
+    from esam_hf.run import build_model_and_data
+
+    model_args = ModelArguments("cifar_resnet18", model_kwargs='{"channels": [8, 16, 32, 64]}')
+    data_args = DataArguments("cifar10-subset", max_train_samples=16, max_eval_samples=16)
+    first = build_model_and_data(model_args, data_args, seed=3)[1].state_dict()
+    torch.rand(1000), np.random.rand(7)  # whatever else consumed random numbers in between
+    second = build_model_and_data(model_args, data_args, seed=3)[1].state_dict()
+    other = build_model_and_data(model_args, data_args, seed=4)[1].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
+def test_a_diverged_run_exits_1_and_is_recorded_as_diverged(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", "--output_dir", str(out), *TINY, "--dataset", "cifar10-subset", "--max_train_samples", "64",
+                  "--max_eval_samples", "32", "--max_steps", "12", "--learning_rate", "0.05", "--optim", "sgd",
+                  "--weight_decay", "1e6", "--save_strategy", "no"])
+    assert exit_.value.code == 1 and "training diverged" in capsys.readouterr().err
+    assert _record(out)["status"] == "diverged"
+    results = json.loads((out / "all_results.json").read_text())
+    assert "diverged" in results and "eval_accuracy" not in results
+    assert not (out / "README.md").exists()  # no card presents it as a trained model
+
+
+def test_a_rerun_into_a_used_output_dir_is_refused_resumed_or_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--output_dir", str(out), *TINY, "--dataset", "cifar10-subset", "--max_train_samples", "32",
+            "--max_eval_samples", "16", "--save_strategy", "steps", "--save_steps", "1", "--learning_rate", "0.01"]
+    cli_main([*argv, "--max_steps", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*argv, "--max_steps", "2"])
+    assert exit_.value.code == 2 and "already holds a finished esam run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*argv, "--max_steps", "2", "--resume_from_checkpoint", "last"])
+    assert "was trained with other settings (training.max_steps: 1 -> 2" in capsys.readouterr().err
+    cli_main([*argv, "--max_steps", "1", "--resume_from_checkpoint", "last"])  # same settings: resumes, trains nothing
+    assert _record(out)["settings"]["training"]["max_steps"] == 1
+    cli_main([*argv, "--max_steps", "2", "--overwrite_output_dir"])
+    assert _record(out)["settings"]["training"]["max_steps"] == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_split_flags_and_image_checks_reach_the_data(tmp_path):
+    import io
+
+    from PIL import Image
+
+    def png(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), color).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rows = [png((i * 20, 0, 0)) for i in range(8)]
+    rows[5] = {"bytes": b"not an image", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    data = datasets.Dataset.from_dict({"image": rows, "label": [0, 1] * 4}, features=features)
+    data.to_parquet(str(tmp_path / "only.parquet"))
+    argv = ["train", "--output_dir", str(tmp_path / "run"), *TINY, "--dataset", str(tmp_path / "only.parquet"),
+            "--max_steps", "1", "--save_strategy", "no"]
+    # One file is one split, "train": without an eval split named, evaluation has nothing to read.
+    with pytest.raises(Exception, match="split 'validation' not found.*available splits: \\['train'\\]"):
+        cli_main([*argv, "--eval_split", "validation"])
+    with pytest.raises(Exception, match=r"(?s)split 'train'.*row 5: UnidentifiedImageError"):
+        cli_main([*argv, "--eval_split", "none", "--check_images"])
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

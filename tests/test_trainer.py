@@ -9,6 +9,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from esam_hf import ESAMTrainer, ESAMTrainingArguments
 
+from transformers.modeling_outputs import ImageClassifierOutput
+
 from helpers import (SeqESAMTrainer, SequentialMixin, TinyConvNet, adamw, batches, make_args, make_data,
                      params_of, sgd, train)
 
@@ -327,3 +329,79 @@ def test_sds_class_concentration_is_logged_and_warned_about(tmp_path):
         shares = trainer._pop_class_shares()
     assert shares == {"esam/sds_top_class_share": 0.75, "esam/batch_top_class_share": 0.375}
     assert "SDS is descending on one class at a time" in captured.out
+
+
+# --------------------------------------------------------------------------- #
+# A run that goes wrong says so
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("overrides, match", [
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0"),
+    ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),
+    ({"max_grad_norm": float("inf")}, "max_grad_norm must be a finite number >= 0"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1"),
+    ({"max_steps": 0}, "max_steps must be > 0"),
+    ({"max_steps": -1, "num_train_epochs": 0}, "num_train_epochs must be a finite number > 0"),
+    ({"max_steps": -1, "num_train_epochs": -2}, "num_train_epochs must be a finite number > 0"),
+])
+def test_arguments_that_would_train_nothing_or_nan_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+class NaNAtPerturbedWeights(TinyConvNet):
+    """Returns NaN logits in the descent pass (the second forward) of the given steps."""
+
+    def __init__(self, nan_steps):
+        super().__init__()
+        self.nan_steps, self.calls = nan_steps, 0
+
+    def forward(self, pixel_values, labels=None):
+        out = super().forward(pixel_values, labels)
+        self.calls += 1
+        if self.training and (self.calls - 1) // 2 in self.nan_steps and self.calls % 2 == 0:
+            nan = out.logits * float("nan")
+            return ImageClassifierOutput(loss=F.cross_entropy(nan, labels), logits=nan)
+        return out
+
+
+def test_a_non_finite_descent_gradient_skips_that_optimizer_step(tmp_path):
+    model = NaNAtPerturbedWeights(nan_steps={0})
+    before = params_of(model)
+    args = make_args(tmp_path, esam_beta=1.0, esam_gamma=1.0, max_steps=1)
+    trainer = train(SeqESAMTrainer, model, args, make_data(64))
+    assert trainer.nonfinite_guard.skipped == 1
+    for k, v in params_of(model).items():
+        if "running" not in k and "num_batches" not in k:  # BN statistics come from the clean pass at w
+            assert torch.equal(v, before[k]), k
+
+    # Later steps train as usual: the skipped step leaves no NaN behind.
+    model = NaNAtPerturbedWeights(nan_steps={1})
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, esam_beta=1.0, esam_gamma=1.0, max_steps=4), make_data(64))
+    assert trainer.nonfinite_guard.skipped == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.head.weight, TinyConvNet().head.weight)
+
+
+def test_a_diverging_run_raises_instead_of_reporting_success(tmp_path):
+    from esam_hf.trainer import TrainingDiverged
+
+    model = TinyConvNet()
+    args = make_args(tmp_path, max_steps=30, learning_rate=0.05)
+    with pytest.raises(TrainingDiverged, match="training diverged"):
+        train(SeqESAMTrainer, model, args, make_data(64), make_optimizer=lambda m: torch.optim.SGD(
+            m.parameters(), lr=0.05, weight_decay=1e6))
+
+
+@pytest.mark.parametrize("damaged", ["esam_state.pt", "optimizer.pt", "model.safetensors"])
+def test_a_damaged_checkpoint_file_is_named(tmp_path, damaged):
+    data = make_data(64)
+    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    train(SeqESAMTrainer, TinyConvNet(), args, data)
+    ckpt = tmp_path / "checkpoint-2"
+    path = ckpt / damaged
+    assert path.is_file()
+    path.write_bytes(path.read_bytes()[:50])  # a run killed while saving
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = SeqESAMTrainer(model=TinyConvNet(), args=args, train_dataset=data, optimizers=(sgd(TinyConvNet()), None))
+    with pytest.raises(RuntimeError, match="checkpoint-2.*damaged"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
