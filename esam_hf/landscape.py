@@ -9,8 +9,9 @@ standard ways of checking that claim:
 * the largest eigenvalue of the loss Hessian (the usual sharpness number),
   computed matrix-free by power iteration on Hessian-vector products.
 
-Only torch is needed; matplotlib is imported inside the plotting functions, so
-importing this module never requires it.
+Importing this module needs only torch: tqdm (progress bars), matplotlib (plots),
+transformers and ``esam_hf.data`` (the ``esam-hf landscape`` command, ``main``)
+are imported inside the functions that use them.
 
 Conventions
 -----------
@@ -25,8 +26,10 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -37,11 +40,17 @@ __all__ = [
     "filter_normalized_direction",
     "loss_landscape_1d",
     "loss_landscape_2d",
+    "TopEigenvalue",
     "top_hessian_eigenvalue",
     "plot_landscape_1d",
     "plot_landscape_2d",
     "make_loss_fn",
     "landscape_report",
+    "LandscapeArguments",
+    "main",
+    "load_model",
+    "train_subset_loss",
+    "reproduce_landscape",
 ]
 
 LossFn = Callable[[nn.Module], "Tensor | float"]
@@ -120,6 +129,28 @@ def _as_float_tensor(values: Iterable[float] | Tensor) -> Tensor:
     return torch.as_tensor(values, dtype=torch.float64).flatten()
 
 
+def _symmetric_grid(points: int, radius: float = 1.0) -> Tensor:
+    """``points`` (odd) evenly spaced steps in ``[-radius, radius]`` whose middle one is exactly 0.
+
+    ``torch.linspace(-1, 1, 41)`` puts -5.6e-17 in the middle, so the "trained
+    weights" point would be slightly perturbed; integer steps keep it exact.
+    """
+    if points < 3 or points % 2 == 0:
+        raise ValueError(f"points must be an odd integer >= 3, got {points}")
+    half = points // 2
+    return torch.arange(-half, half + 1, dtype=torch.float64) * (radius / half)
+
+
+def _progress_bar(total: int, desc: str | None):
+    """A tqdm bar labelled ``desc``, or a silent one when ``desc`` is None.
+
+    ``tqdm.auto`` draws a widget in notebooks and text elsewhere.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True)
+
+
 # --------------------------------------------------------------------------- #
 # 1. Filter-normalised random directions
 # --------------------------------------------------------------------------- #
@@ -158,13 +189,16 @@ def _evaluate_on_grid(
     model: nn.Module,
     loss_fn: LossFn,
     directions: Sequence[Sequence[Tensor]],
-    coordinates: Iterable[Sequence[float]],
+    coordinates: Sequence[Sequence[float]],
+    progress: str | None = None,
 ) -> list[float]:
     """Loss at ``w + sum_k c_k * d_k`` for every coordinate tuple ``c``."""
     params = list(model.parameters())
-    directions = [_check_direction(params, d, f"direction {k}") for k, d in enumerate(directions)]
+    directions = [_check_direction(params, d, f"direction {k + 1}") for k, d in enumerate(directions)]
     losses = []
-    with _eval_mode(model), torch.no_grad(), _weights_restored(params) as saved:
+    with _eval_mode(model), torch.no_grad(), _weights_restored(params) as saved, _progress_bar(
+        len(coordinates), progress
+    ) as bar:
         for coords in coordinates:
             # Always start from the saved weights so rounding errors from one grid
             # point never leak into the next.
@@ -173,6 +207,7 @@ def _evaluate_on_grid(
                 if coeff != 0.0:
                     torch._foreach_add_(params, direction, alpha=float(coeff))
             losses.append(float(loss_fn(model)))
+            bar.update()
     return losses
 
 
@@ -181,14 +216,16 @@ def loss_landscape_1d(
     loss_fn: LossFn,
     direction: Sequence[Tensor],
     alphas: Iterable[float] | Tensor,
+    progress: str | None = None,
 ) -> Tensor:
     """Losses ``L(w + a*d)`` for each ``a`` in ``alphas`` (float64 tensor, same length).
 
     The model is evaluated in eval mode under ``no_grad``; weights and the
     train/eval flags are restored bit-exactly afterwards, also if ``loss_fn`` raises.
+    ``progress`` labels a progress bar over the points (None: no bar).
     """
     alphas = _as_float_tensor(alphas)
-    losses = _evaluate_on_grid(model, loss_fn, [direction], [(a,) for a in alphas.tolist()])
+    losses = _evaluate_on_grid(model, loss_fn, [direction], [(a,) for a in alphas.tolist()], progress)
     return torch.tensor(losses, dtype=torch.float64)
 
 
@@ -197,61 +234,85 @@ def loss_landscape_2d(
     loss_fn: LossFn,
     d1: Sequence[Tensor],
     d2: Sequence[Tensor],
-    alphas: Iterable[float] | Tensor,
-    betas: Iterable[float] | Tensor,
+    alphas_1: Iterable[float] | Tensor,
+    alphas_2: Iterable[float] | Tensor,
+    progress: str | None = None,
 ) -> Tensor:
-    """Losses ``L(w + a*d1 + b*d2)`` as a float64 tensor of shape ``(len(alphas), len(betas))``.
+    """Losses ``L(w + a*d1 + b*d2)`` as a float64 tensor of shape ``(len(alphas_1), len(alphas_2))``.
 
-    ``losses[i, j]`` belongs to ``(alphas[i], betas[j])``. The two random
+    ``losses[i, j]`` belongs to ``(alphas_1[i], alphas_2[j])``. The two random
     directions are not orthogonalised: in high dimension independent Gaussian
     directions are nearly orthogonal already (as argued by Li et al.).
+    ``progress`` labels a progress bar over the grid points (None: no bar).
     """
-    alphas, betas = _as_float_tensor(alphas), _as_float_tensor(betas)
-    grid = [(a, b) for a in alphas.tolist() for b in betas.tolist()]
-    losses = _evaluate_on_grid(model, loss_fn, [d1, d2], grid)
-    return torch.tensor(losses, dtype=torch.float64).reshape(len(alphas), len(betas))
+    alphas_1, alphas_2 = _as_float_tensor(alphas_1), _as_float_tensor(alphas_2)
+    grid = [(a, b) for a in alphas_1.tolist() for b in alphas_2.tolist()]
+    losses = _evaluate_on_grid(model, loss_fn, [d1, d2], grid, progress)
+    return torch.tensor(losses, dtype=torch.float64).reshape(len(alphas_1), len(alphas_2))
 
 
 # --------------------------------------------------------------------------- #
 # 3. Top Hessian eigenvalue
 # --------------------------------------------------------------------------- #
+@dataclasses.dataclass(frozen=True)
+class TopEigenvalue:
+    """A power-iteration estimate and how it was reached.
+
+    ``iterations`` counts Hessian-vector products; ``converged`` is False when
+    ``max_iters`` ran out before the estimate settled to the tolerance, i.e. the
+    value may still be an underestimate. ``float(result)`` is the value.
+    """
+
+    value: float
+    iterations: int
+    converged: bool
+
+    def __float__(self) -> float:
+        return self.value
+
+
 def _power_iteration(
     hvp: Callable[[list[Tensor]], list[Tensor]],
     start: list[Tensor],
-    iters: int,
+    max_iters: int,
     tol: float,
     shift: float = 0.0,
-) -> float:
+    progress: str | None = None,
+) -> TopEigenvalue:
     """Dominant eigenvalue of ``H - shift*I`` by power iteration.
 
     Uses the Rayleigh quotient ``v^T (H - shift I) v`` of the unit iterate as
-    the estimate and stops once its relative change drops below ``tol``.
+    the estimate and stops once its change from the previous iteration is at
+    most ``tol`` times its size; one iteration alone can never converge.
     """
     v = start
     torch._foreach_div_(v, _norm(v))
     estimate = None
-    for _ in range(iters):
-        hv = hvp(v)
-        if shift != 0.0:
-            torch._foreach_add_(hv, v, alpha=-shift)
-        new_estimate = _dot(v, hv).item()
-        hv_norm = _norm(hv)
-        if hv_norm.item() == 0.0:  # v is in the null space: eigenvalue 0
-            return new_estimate
-        v = torch._foreach_div(hv, hv_norm)
-        if estimate is not None and abs(new_estimate - estimate) <= tol * max(abs(estimate), 1e-12):
-            return new_estimate
-        estimate = new_estimate
-    return estimate
+    with _progress_bar(max_iters, progress) as bar:
+        for iteration in range(1, max_iters + 1):
+            hv = hvp(v)
+            if shift != 0.0:
+                torch._foreach_add_(hv, v, alpha=-shift)
+            previous, estimate = estimate, _dot(v, hv).item()
+            bar.update()
+            bar.set_postfix(eigenvalue=f"{estimate + shift:.5g}")
+            hv_norm = _norm(hv)
+            if hv_norm.item() == 0.0:  # v is in the null space: the estimate 0 is exact
+                return TopEigenvalue(estimate, iteration, True)
+            if previous is not None and abs(estimate - previous) <= tol * max(abs(previous), 1e-12):
+                return TopEigenvalue(estimate, iteration, True)
+            v = torch._foreach_div(hv, hv_norm)
+    return TopEigenvalue(estimate, max_iters, False)
 
 
 def top_hessian_eigenvalue(
     model: nn.Module,
     loss_fn: LossFn,
-    iters: int = 20,
+    max_iters: int = 100,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
-) -> float:
+    progress: str | None = None,
+) -> TopEigenvalue:
     """Largest eigenvalue of the Hessian of ``loss_fn(model)`` w.r.t. the trainable parameters.
 
     Matrix-free: the loss and its gradient (with ``create_graph=True``) are built
@@ -260,13 +321,22 @@ def top_hessian_eigenvalue(
     dropout/BN randomness does not make the operator change between iterations
     (the same convention as the landscape functions).
 
+    Iterates until the estimate changes by at most ``tol`` (relative) between
+    two iterations, or ``max_iters`` run out; the result says which. Power
+    iteration converges at the rate ``(lambda_2 / lambda_1)^2`` per step, so a
+    small gap between the top two eigenvalues can need far more than 20 steps.
+
     Power iteration finds the eigenvalue of largest *magnitude*. Near a minimum
     that is the largest positive one; if it comes out negative, a second run on
     ``H - lambda_neg * I`` (whose spectrum is then non-negative) recovers the
-    algebraically largest eigenvalue.
+    algebraically largest eigenvalue. ``max_iters`` caps each run; ``iterations``
+    then counts both and ``converged`` needs both. ``progress`` labels a progress
+    bar (None: no bar).
     """
-    if iters < 1:
-        raise ValueError("iters must be >= 1")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0 (a relative change), got {tol}")
     params = [p for p in model.parameters() if p.requires_grad]
     with _eval_mode(model), torch.enable_grad():
         loss = loss_fn(model)
@@ -277,7 +347,7 @@ def top_hessian_eigenvalue(
         # have no graph; their rows of the Hessian are zero, so just skip them.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         if not live:
-            return 0.0
+            return TopEigenvalue(0.0, 0, True)
         live_grads = [grads[i] for i in live]
 
         def hvp(v: list[Tensor]) -> list[Tensor]:
@@ -294,12 +364,16 @@ def top_hessian_eigenvalue(
             return [h.detach() for h in hv]
 
         start = [_randn_like(p, generator) for p in params]
-        dominant = _power_iteration(hvp, [s.clone() for s in start], iters, tol)
-        if dominant >= 0:
-            return float(dominant)
+        dominant = _power_iteration(hvp, [s.clone() for s in start], max_iters, tol, progress=progress)
+        if dominant.value >= 0:
+            return dominant
         # Dominant eigenvalue is negative: shift the spectrum to [0, lambda_max - dominant].
-        shifted = _power_iteration(hvp, start, iters, tol, shift=dominant)
-        return float(shifted + dominant)
+        shifted = _power_iteration(hvp, start, max_iters, tol, shift=dominant.value, progress=progress)
+        return TopEigenvalue(
+            shifted.value + dominant.value,
+            dominant.iterations + shifted.iterations,
+            dominant.converged and shifted.converged,
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -323,37 +397,102 @@ def _save(fig, path: str | os.PathLike) -> str:
     return path
 
 
+# Axis names: "beta", "gamma" and "rho" would read as ESAM's hyper-parameters.
+_AXIS_1 = "direction 1 (alpha)"
+_AXIS_2 = "direction 2"
+# The zoomed 1-D panel shows losses up to this multiple of the highest loss at
+# the trained weights: where each model's basin walls are, not SGD's far edges.
+_BASIN_HEIGHT = 2.0
+
+
+def _eigenvalue_label(name: str, eigenvalue: TopEigenvalue | float | None) -> str:
+    if eigenvalue is None:
+        return name
+    label = rf"{name}: $\lambda_{{max}}$ = {float(eigenvalue):.4g}"
+    if isinstance(eigenvalue, TopEigenvalue) and not eigenvalue.converged:
+        label += f" (not converged in {eigenvalue.iterations} it.)"
+    return label
+
+
+def _basin_window(curves: Mapping[str, tuple[Tensor, Tensor]]) -> tuple[float, float, float, float] | None:
+    """``(x_min, x_max, y_min, y_max)`` of the zoom on the basins, or None if the
+    losses are not all positive (a log axis and a "multiple of the loss" need
+    that) or not finite at alpha = 0.
+
+    The height is ``_BASIN_HEIGHT`` times the highest loss at alpha = 0; the
+    width spans every alpha where some model is below that height, plus one step.
+    """
+    finite = torch.cat([y[torch.isfinite(y)] for _, y in curves.values()])
+    if finite.numel() == 0 or finite.min() <= 0:
+        return None
+    at_origin = max(y[x.abs().argmin()].item() for x, y in curves.values())
+    y_max = _BASIN_HEIGHT * at_origin
+    if not math.isfinite(y_max):  # a model diverged at its own weights: no basin to zoom on
+        return None
+    inside = torch.cat([x[y <= y_max] for x, y in curves.values()])
+    steps = torch.cat([x.diff().abs() for x, _ in curves.values()])
+    pad = steps.min().item() if steps.numel() else 0.0
+    y_min = finite.min().item()
+    return inside.min().item() - pad, inside.max().item() + pad, y_min - 0.05 * (y_max - y_min), y_max
+
+
 def plot_landscape_1d(
     results: Mapping[str, tuple],
     path: str | os.PathLike,
+    eigenvalues: Mapping[str, TopEigenvalue | float] | None = None,
     title: str = "1-D loss landscape (filter-normalised direction)",
-    logy: bool = False,
 ) -> str:
-    """Plot several models' 1-D slices ``{name: (alphas, losses)}`` on one axes; save a PNG.
+    """Plot several models' 1-D slices ``{name: (alphas, losses)}``; save a PNG.
 
+    Positive losses get two panels: the whole range on a log axis (a sharp
+    model's edges can be 1000x its minimum) and a linear zoom on the basins.
+    ``eigenvalues`` (``{name: top Hessian eigenvalue}``) go into the legend.
     Sharing the x-axis is meaningful because each model's direction was
     filter-normalised to its own weights, so ``alpha`` is a relative step size.
     """
-    fig = _new_figure(6.0, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, (alphas, losses) in results.items():
-        ax.plot(_as_float_tensor(alphas).tolist(), _as_float_tensor(losses).tolist(), marker=".", label=name)
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("loss")
-    if logy:
-        ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    curves = {name: (_as_float_tensor(x), _as_float_tensor(y)) for name, (x, y) in results.items()}
+    window = _basin_window(curves)
+    fig = _new_figure(11.0 if window else 6.0, 4.2)
+    axes = fig.subplots(1, 2 if window else 1, squeeze=False)[0]
+    for ax in axes:
+        for name, (alphas, losses) in curves.items():
+            label = _eigenvalue_label(name, (eigenvalues or {}).get(name))
+            ax.plot(alphas.tolist(), losses.tolist(), marker=".", label=label)
+        ax.set_xlabel(_AXIS_1)
+        ax.set_ylabel("loss")
+        ax.locator_params(axis="x", nbins=5)  # matplotlib's default nine labels overlap at this width
+        ax.grid(alpha=0.3)
+    if window:
+        full, zoom = axes
+        full.set_yscale("log")
+        full.set_title("whole range (log scale)")
+        zoom.set_xlim(window[0], window[1])
+        zoom.set_ylim(window[2], window[3])
+        zoom.set_title(f"zoom on the basins: loss up to {_BASIN_HEIGHT:g}x that at alpha = 0")
+    # Below the panels: inside, long labels (eigenvalue, "not converged") hide the basin.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(curves), 3), frameon=False)
+    fig.suptitle(title)
     return _save(fig, path)
+
+
+def _contour_levels(lo: float, hi: float, count: int):
+    """Contour levels and colour norm: log-spaced for positive losses, as Li et al.
+    plot them, so the low basins get most of the colours instead of one."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    if lo > 0:
+        levels = torch.logspace(math.log10(lo), math.log10(hi), count, dtype=torch.float64)
+        return levels.tolist(), LogNorm(lo, hi)
+    return torch.linspace(lo, hi, count, dtype=torch.float64).tolist(), Normalize(lo, hi)
 
 
 def plot_landscape_2d(
     results: Mapping[str, tuple],
     path: str | os.PathLike,
-    levels: int = 20,
+    levels: int = 25,
 ) -> str:
-    """Contour plots of ``{name: (alphas, betas, losses)}`` side by side; save a PNG.
+    """Contour plots of ``{name: (alphas_1, alphas_2, losses)}`` side by side; save a PNG.
 
     All panels share one set of contour levels and one colour bar, so equal
     colours mean equal loss across models (otherwise each panel would be
@@ -366,21 +505,24 @@ def plot_landscape_2d(
     lo, hi = (finite.min().item(), finite.max().item()) if finite.numel() else (0.0, 1.0)
     if hi <= lo:  # flat surface: give contourf a non-degenerate range
         hi = lo + 1.0
-    level_values = torch.linspace(lo, hi, levels).tolist()
+    level_values, norm = _contour_levels(lo, hi, levels)
 
     fig = _new_figure(4.5 * len(grids) + 1.0, 4.0)
     axes = fig.subplots(1, len(grids), squeeze=False, sharey=True)[0]
     contour = None
-    for ax, (name, (alphas, betas, losses)) in zip(axes, grids.items()):
-        # losses[i, j] is at (alphas[i], betas[j]); contourf wants Z[y, x], hence the transpose.
-        contour = ax.contourf(
-            alphas.numpy(), betas.numpy(), losses.T.numpy(), levels=level_values, vmin=lo, vmax=hi, extend="both"
-        )
-        ax.plot([0.0], [0.0], marker="+", color="white")  # the trained weights
+    for ax, (name, (alphas_1, alphas_2, losses)) in zip(axes, grids.items()):
+        # losses[i, j] is at (alphas_1[i], alphas_2[j]); contourf wants Z[y, x], hence the transpose.
+        xy = (alphas_1.numpy(), alphas_2.numpy(), losses.T.numpy())
+        contour = ax.contourf(*xy, levels=level_values, norm=norm, extend="both")
+        ax.contour(*xy, levels=level_values, colors="black", linewidths=0.4, alpha=0.4)
+        ax.plot([0.0], [0.0], marker="+", color="white", markersize=10)  # the trained weights
         ax.set_title(name)
-        ax.set_xlabel("alpha")
-    axes[0].set_ylabel("beta")  # shared y axis: label it once
-    fig.colorbar(contour, ax=list(axes), label="loss")
+        ax.set_xlabel(_AXIS_1)
+    axes[0].set_ylabel(_AXIS_2)  # shared y axis: label it once
+    # Ticks on the levels themselves: a log colour bar's default ticks are powers
+    # of ten, and a range like 2.2 to 900 would get almost no labels.
+    ticks = level_values[:: max(1, len(level_values) // 8)]
+    fig.colorbar(contour, ax=list(axes), label="loss", ticks=ticks, format="%.3g")
     return _save(fig, path)
 
 
@@ -447,10 +589,10 @@ def landscape_report(
     seed: int = 0,
     alphas_1d: Iterable[float] | Tensor | None = None,
     alphas_2d: Iterable[float] | Tensor | None = None,
-    betas_2d: Iterable[float] | Tensor | None = None,
-    hessian_iters: int = 20,
+    hessian_max_iters: int = 100,
     hessian_tol: float = 1e-3,
     with_2d: bool = True,
+    progress: bool = True,
 ) -> dict:
     """Compute 1-D/2-D landscapes and the top Hessian eigenvalue for each model.
 
@@ -458,20 +600,30 @@ def landscape_report(
     ``{name: callable}`` mapping. Each model gets fresh generators seeded with
     ``seed``, so models with the same parameter shapes get the same raw random
     directions (then filter-normalised to their own weights): a fair comparison.
+    The 1-D slice runs along direction 1; the 2-D grid uses ``alphas_2d`` on both
+    axes (default 21 steps in [-1, 1]; the 1-D default is 41).
 
     Writes ``landscape_1d.png``, ``landscape_2d.png`` (if ``with_2d``) and
     ``landscape.json`` to ``out_dir`` and returns the JSON content as a dict:
-    ``{"seed", "models": {name: {"top_hessian_eigenvalue", "landscape_1d":
-    {"alphas", "losses"}, "landscape_2d": {"alphas", "betas", "losses"}}}, "files"}``.
+    ``{"seed", "hessian_max_iters", "hessian_tol", "models": {name:
+    {"top_hessian_eigenvalue", "hessian_iterations", "hessian_converged",
+    "landscape_1d": {"alphas", "losses"}, "landscape_2d": {"alphas_1",
+    "alphas_2", "losses"}}}, "files"}``, where ``losses[i][j]`` of the 2-D grid
+    is at ``(alphas_1[i], alphas_2[j])``. ``progress`` shows tqdm bars.
     """
-    alphas_1d = _as_float_tensor(alphas_1d if alphas_1d is not None else torch.linspace(-1.0, 1.0, 41))
-    alphas_2d = _as_float_tensor(alphas_2d if alphas_2d is not None else torch.linspace(-1.0, 1.0, 21))
-    betas_2d = _as_float_tensor(betas_2d if betas_2d is not None else alphas_2d)
+    alphas_1d = _as_float_tensor(alphas_1d if alphas_1d is not None else _symmetric_grid(41))
+    alphas_2d = _as_float_tensor(alphas_2d if alphas_2d is not None else _symmetric_grid(21))
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 
-    report: dict = {"seed": seed, "models": {}, "files": {}}
-    curves_1d, surfaces_2d = {}, {}
+    report: dict = {
+        "seed": seed,
+        "hessian_max_iters": hessian_max_iters,
+        "hessian_tol": hessian_tol,
+        "models": {},
+        "files": {},
+    }
+    curves_1d, surfaces_2d, eigenvalues = {}, {}, {}
     for name, model in models.items():
         fn = loss_fn[name] if isinstance(loss_fn, Mapping) else loss_fn
         generator = torch.Generator().manual_seed(seed)
@@ -479,25 +631,37 @@ def landscape_report(
         d2 = filter_normalized_direction(model, generator)
         entry: dict = {}
 
-        losses_1d = loss_landscape_1d(model, fn, d1, alphas_1d)
+        losses_1d = loss_landscape_1d(model, fn, d1, alphas_1d, progress=f"{name}: 1-D" if progress else None)
         curves_1d[name] = (alphas_1d, losses_1d)
         entry["landscape_1d"] = {"alphas": alphas_1d.tolist(), "losses": losses_1d.tolist()}
 
         if with_2d:
-            losses_2d = loss_landscape_2d(model, fn, d1, d2, alphas_2d, betas_2d)
-            surfaces_2d[name] = (alphas_2d, betas_2d, losses_2d)
+            losses_2d = loss_landscape_2d(
+                model, fn, d1, d2, alphas_2d, alphas_2d, progress=f"{name}: 2-D" if progress else None
+            )
+            surfaces_2d[name] = (alphas_2d, alphas_2d, losses_2d)
             entry["landscape_2d"] = {
-                "alphas": alphas_2d.tolist(),
-                "betas": betas_2d.tolist(),
+                "alphas_1": alphas_2d.tolist(),
+                "alphas_2": alphas_2d.tolist(),
                 "losses": losses_2d.tolist(),
             }
 
-        entry["top_hessian_eigenvalue"] = top_hessian_eigenvalue(
-            model, fn, iters=hessian_iters, tol=hessian_tol, generator=torch.Generator().manual_seed(seed)
+        eigenvalues[name] = top_hessian_eigenvalue(
+            model,
+            fn,
+            max_iters=hessian_max_iters,
+            tol=hessian_tol,
+            generator=torch.Generator().manual_seed(seed),
+            progress=f"{name}: Hessian" if progress else None,
         )
+        entry["top_hessian_eigenvalue"] = eigenvalues[name].value
+        entry["hessian_iterations"] = eigenvalues[name].iterations
+        entry["hessian_converged"] = eigenvalues[name].converged
         report["models"][name] = entry
 
-    report["files"]["landscape_1d"] = plot_landscape_1d(curves_1d, os.path.join(out_dir, "landscape_1d.png"))
+    report["files"]["landscape_1d"] = plot_landscape_1d(
+        curves_1d, os.path.join(out_dir, "landscape_1d.png"), eigenvalues=eigenvalues
+    )
     if with_2d:
         report["files"]["landscape_2d"] = plot_landscape_2d(surfaces_2d, os.path.join(out_dir, "landscape_2d.png"))
     json_path = os.path.join(out_dir, "landscape.json")
@@ -506,3 +670,187 @@ def landscape_report(
         # NaN/inf losses (diverged points) are kept as JSON's NaN/Infinity extensions.
         json.dump(report, f, indent=2, allow_nan=True)
     return report
+
+
+# --------------------------------------------------------------------------- #
+# 6. `esam-hf landscape`: saved models in, report out
+# --------------------------------------------------------------------------- #
+def _csv(text: str | None) -> list[str]:
+    return [item for item in (text or "").split(",") if item]
+
+
+@dataclasses.dataclass(kw_only=True)
+class LandscapeArguments:
+    """Options of ``esam-hf landscape``. List options are comma-separated strings
+    (``--models runs/sgd,runs/esam``), as in ``esam-hf reproduce --methods``."""
+
+    models: str = dataclasses.field(
+        metadata={"help": "Comma-separated saved model folders (each holding config.json), e.g. runs/sgd,runs/esam."}
+    )
+    names: str | None = dataclasses.field(
+        default=None, metadata={"help": "Comma-separated labels, one distinct per model (default: the folder names)."}
+    )
+    dataset: str = dataclasses.field(
+        metadata={"help": "Dataset name or path; a fixed, un-augmented subset of its training split is the loss."}
+    )
+    samples: int = dataclasses.field(default=512, metadata={"help": "Training images in that subset (>= 1)."})
+    batch_size: int = dataclasses.field(default=128, metadata={"help": "Images per forward pass (>= 1)."})
+    hessian_max_iters: int = dataclasses.field(
+        default=100,
+        metadata={"help": "Cap on power iterations for the top Hessian eigenvalue (>= 1); a second run, "
+                          "if the dominant eigenvalue is negative, gets the same cap."},
+    )
+    hessian_tol: float = dataclasses.field(
+        default=1e-3,
+        metadata={"help": "Power iteration stops once the eigenvalue changes by at most this fraction, in (0, 1)."},
+    )
+    grid: int = dataclasses.field(
+        default=21,
+        metadata={"help": "2-D grid points per axis over [-1, 1], odd and >= 3 so alpha = 0 is on it "
+                          "(the 1-D slice gets 2*grid-1)."},
+    )
+    no_2d: bool = dataclasses.field(default=False, metadata={"help": "1-D slices and eigenvalues only."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the random directions and of the subset."})
+    output_dir: str = dataclasses.field(metadata={"help": "Folder for landscape_1d.png, landscape_2d.png and landscape.json."})
+
+    def __post_init__(self):
+        problems = self._problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def model_paths(self) -> list[str]:
+        return _csv(self.models)
+
+    @property
+    def model_names(self) -> list[str]:
+        return _csv(self.names) or [os.path.basename(os.path.normpath(p)) for p in self.model_paths]
+
+    def _problems(self) -> list[str]:
+        """Every invalid option, each with its allowed range (empty when all are valid)."""
+        problems = [
+            f"--{name} must be an integer >= 1, got {getattr(self, name)}"
+            for name in ("samples", "batch_size", "hessian_max_iters")
+            if getattr(self, name) < 1
+        ]
+        if not 0 < self.hessian_tol < 1:
+            problems.append(f"--hessian_tol must be in (0, 1), got {self.hessian_tol}")
+        if self.grid < 3 or self.grid % 2 == 0:
+            problems.append(
+                "--grid must be an odd integer >= 3 (so the trained weights, alpha = 0, are its middle point), "
+                f"got {self.grid}"
+            )
+        if not self.model_paths:
+            problems.append("--models must name at least one saved model folder")
+        problems += [
+            f"--models: {path!r} is not a saved model folder (no config.json in it)"
+            for path in self.model_paths
+            if not os.path.isfile(os.path.join(path, "config.json"))
+        ]
+        names = self.model_names
+        if len(names) != len(self.model_paths) or len(set(names)) != len(names):
+            problems.append(
+                f"--names must give one distinct name per model ({len(self.model_paths)} models), got {names}"
+            )
+        if os.path.isfile(self.output_dir):
+            problems.append(f"--output_dir must be a folder, but {self.output_dir!r} is a file")
+        return problems
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A saved model folder, in eval mode."""
+    import esam_hf.models  # noqa: F401  (registers the CIFAR backbones a saved CIFAR model needs)
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(path).to(device).eval()
+
+
+def train_subset_loss(dataset: str, data_config: dict, samples: int, batch_size: int, device, seed: int = 0):
+    """Loss function on a fixed `samples`-image subset of the training split, preprocessed as for
+    evaluation (no augmentation), so every landscape point sees exactly the same inputs."""
+    from .data import build_datasets, resolve_dataset
+
+    spec = resolve_dataset(dataset)
+    spec = dataclasses.replace(spec, eval_split=spec.train_split)  # the eval pipeline, on training images
+    data = build_datasets(spec, data_config, train=False, max_eval_samples=samples, seed=seed)
+    loader = torch.utils.data.DataLoader(data.eval_dataset, batch_size=batch_size, collate_fn=data.collator)
+    return make_loss_fn(loader, num_batches=len(loader), device=device)
+
+
+def _parse(argv: list[str] | None) -> LandscapeArguments:
+    """Parsed and checked options; any bad one exits with a usage error before work starts."""
+    from .arguments import make_parser, parse_args
+    from .data import DataError, resolve_dataset
+
+    parser = make_parser(
+        [LandscapeArguments],
+        prog="esam-hf landscape",
+        description="1-D/2-D loss landscapes and the top Hessian eigenvalue of saved models, "
+        "on a fixed subset of the training split.",
+    )
+    try:
+        (args,) = parse_args(parser, argv)
+    except ValueError as error:  # LandscapeArguments' own checks
+        parser.error(str(error))
+    try:
+        resolve_dataset(args.dataset)  # built-in names cost nothing; a path is opened once
+    except DataError as error:
+        parser.error(f"--dataset: {error}")
+    return args
+
+
+def _loss_fns(models: Mapping[str, nn.Module], args: LandscapeArguments, device) -> dict[str, Callable]:
+    """One training-subset loss per model; models sharing a data config share it."""
+    loss_fns, by_config = {}, {}
+    for name, model in models.items():
+        config = dict(model.config.pretrained_cfg)
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in by_config:
+            by_config[key] = train_subset_loss(args.dataset, config, args.samples, args.batch_size, device, args.seed)
+        loss_fns[name] = by_config[key]
+    return loss_fns
+
+
+def _print_table(report: dict, out: str) -> None:
+    print("| model | top Hessian eigenvalue | power iterations | converged | train-subset loss |")
+    print("|---|---|---|---|---|")
+    for name, entry in report["models"].items():
+        losses = entry["landscape_1d"]["losses"]
+        print(
+            f"| {name} | {entry['top_hessian_eigenvalue']:.4g} | {entry['hessian_iterations']} | "
+            f"{'yes' if entry['hessian_converged'] else 'no'} | {losses[len(losses) // 2]:.4f} |"
+        )
+    if not all(entry["hessian_converged"] for entry in report["models"].values()):
+        print(f"\n[landscape] some eigenvalues did not converge to --hessian_tol {report['hessian_tol']:g} "
+              f"within --hessian_max_iters {report['hessian_max_iters']}: raise that cap")
+    print(f"\n[landscape] {', '.join(os.path.basename(p) for p in report['files'].values())} in {out}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`esam-hf landscape`: compare saved models; prints their top Hessian eigenvalues. Returns the report."""
+    args = _parse(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {name: load_model(path, device) for name, path in zip(args.model_names, args.model_paths)}
+    report = landscape_report(
+        models,
+        _loss_fns(models, args, device),
+        args.output_dir,
+        seed=args.seed,
+        alphas_1d=_symmetric_grid(2 * args.grid - 1),
+        alphas_2d=_symmetric_grid(args.grid),
+        hessian_max_iters=args.hessian_max_iters,
+        hessian_tol=args.hessian_tol,
+        with_2d=not args.no_2d,
+    )
+    _print_table(report, args.output_dir)
+    return report
+
+
+def reproduce_landscape(output_dir: str, methods: list[str], dataset: str, seed: int = 0,
+                        extra_argv: list[str] | None = None) -> dict:
+    """`main` on one model per method of a `reproduce` output folder, into output_dir/landscape."""
+    from .reproduce import run_dir
+
+    return main(["--models", ",".join(run_dir(output_dir, m, seed) for m in methods),
+                 "--names", ",".join(methods), "--dataset", dataset,
+                 "--output_dir", os.path.join(output_dir, "landscape"), *(extra_argv or [])])

@@ -81,25 +81,51 @@ def _image_batches(sizes=(6, 3), classes=5, seed=0):
 # --------------------------------------------------------------------------- #
 # Top Hessian eigenvalue
 # --------------------------------------------------------------------------- #
+def _top_eig(a, **kwargs):
+    return L.top_hessian_eigenvalue(Quadratic(a), _quad_loss, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
 def test_top_eigenvalue_quadratic_matches_known_spectrum():
     a = _sym_matrix([10.0, 4.0, 2.0, 1.0, 0.5, -0.3, 0.1, 0.0])
-    model = Quadratic(a)
-    eig = L.top_hessian_eigenvalue(model, _quad_loss, iters=100, tol=1e-8, generator=torch.Generator().manual_seed(0))
-    assert eig == pytest.approx(10.0, abs=1e-3)
+    eig = _top_eig(a, max_iters=100, tol=1e-8)
+    assert eig.converged and float(eig) == pytest.approx(10.0, abs=1e-3)
 
 
 def test_top_eigenvalue_default_settings_close():
-    # With the defaults (20 iters, tol 1e-3) a well-separated top eigenvalue is still accurate.
+    # With the defaults (tol 1e-3, at most 100 iterations) a well-separated top eigenvalue is accurate.
     a = _sym_matrix([10.0, 3.0, 2.0, 1.0, 0.5])
-    eig = L.top_hessian_eigenvalue(Quadratic(a), _quad_loss, generator=torch.Generator().manual_seed(0))
-    assert eig == pytest.approx(10.0, rel=1e-3)
+    eig = _top_eig(a)
+    assert eig.converged and eig.value == pytest.approx(10.0, rel=1e-3)
+
+
+def test_top_eigenvalue_small_gap_runs_past_20_iterations_to_the_tolerance():
+    # lambda_2 / lambda_1 = 0.9: the error shrinks by only (0.9)^2 per step; the old fixed 20 were not enough.
+    a = _sym_matrix([10.0, 9.0, 3.0, 1.0, 0.5])
+    reference = torch.linalg.eigvalsh(a).max().item()
+    eig = _top_eig(a, max_iters=1000, tol=1e-6)
+    assert eig.converged and eig.iterations > 20
+    assert eig.value == pytest.approx(reference, rel=1e-4)
+
+
+def test_top_eigenvalue_reports_not_converged_when_max_iters_runs_out():
+    a = _sym_matrix([10.0, 9.0, 3.0, 1.0, 0.5])
+    reference = torch.linalg.eigvalsh(a).max().item()
+    eig = _top_eig(a, max_iters=20, tol=1e-6)
+    assert (eig.converged, eig.iterations) == (False, 20)
+    assert abs(eig.value - reference) > 1e-3 * reference  # the flag is right: the value is still off
 
 
 def test_top_eigenvalue_when_dominant_eigenvalue_is_negative():
     # Largest-magnitude eigenvalue is -8, but the largest eigenvalue is 3.
     a = _sym_matrix([-8.0, 3.0, 1.0, 0.5, -1.0])
-    eig = L.top_hessian_eigenvalue(Quadratic(a), _quad_loss, iters=500, tol=1e-10, generator=torch.Generator().manual_seed(0))
-    assert eig == pytest.approx(3.0, abs=1e-3)
+    eig = _top_eig(a, max_iters=500, tol=1e-10)
+    assert eig.converged and eig.value == pytest.approx(3.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_iters": 0}, "max_iters must be >= 1"), ({"tol": 0.0}, "tol must be > 0")])
+def test_top_eigenvalue_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _top_eig(_sym_matrix([2.0, 1.0]), **kwargs)
 
 
 def test_top_eigenvalue_tiny_mlp_matches_dense_hessian():
@@ -124,8 +150,8 @@ def test_top_eigenvalue_tiny_mlp_matches_dense_hessian():
     hessian = torch.autograd.functional.hessian(loss_of_flat, flat)
     reference = torch.linalg.eigvalsh(hessian).max().item()
 
-    eig = L.top_hessian_eigenvalue(model, loss_fn, iters=1000, tol=1e-10, generator=torch.Generator().manual_seed(0))
-    assert eig == pytest.approx(reference, rel=1e-3, abs=1e-6)
+    eig = L.top_hessian_eigenvalue(model, loss_fn, max_iters=1000, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    assert eig.converged and eig.value == pytest.approx(reference, rel=1e-3, abs=1e-6)
 
 
 def test_top_eigenvalue_restores_training_flags_and_leaves_grads_alone():
@@ -133,7 +159,7 @@ def test_top_eigenvalue_restores_training_flags_and_leaves_grads_alone():
     batches = _image_batches()
     loss_fn = L.make_loss_fn(batches, num_batches=2)
     before = [p.detach().clone() for p in model.parameters()]
-    L.top_hessian_eigenvalue(model, loss_fn, iters=3, generator=torch.Generator().manual_seed(0))
+    L.top_hessian_eigenvalue(model, loss_fn, max_iters=3, generator=torch.Generator().manual_seed(0))
     assert model.training and all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
@@ -236,12 +262,12 @@ def test_landscape_2d_quadratic_matches_analytic_and_orientation():
     g = torch.Generator().manual_seed(3)
     d1 = torch.randn(w.shape, generator=g, dtype=torch.float64)
     d2 = torch.randn(w.shape, generator=g, dtype=torch.float64)
-    alphas, betas = [-1.0, 0.0, 0.5], [-0.5, 0.25]  # unequal lengths catch a transposed grid
-    losses = L.loss_landscape_2d(model, _quad_loss, [d1], [d2], alphas, betas)
+    alphas_1, alphas_2 = [-1.0, 0.0, 0.5], [-0.5, 0.25]  # unequal lengths catch a transposed grid
+    losses = L.loss_landscape_2d(model, _quad_loss, [d1], [d2], alphas_1, alphas_2)
     assert losses.shape == (3, 2)
-    for i, al in enumerate(alphas):
-        for j, be in enumerate(betas):
-            assert losses[i, j].item() == pytest.approx(_analytic_quad(a, w, (al, d1), (be, d2)), rel=1e-10)
+    for i, a1 in enumerate(alphas_1):
+        for j, a2 in enumerate(alphas_2):
+            assert losses[i, j].item() == pytest.approx(_analytic_quad(a, w, (a1, d1), (a2, d2)), rel=1e-10)
     assert torch.equal(model.w.detach(), w)
 
 
@@ -279,13 +305,69 @@ def _is_png(path):
     return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plots_write_png(tmp_path):
-    alphas = torch.linspace(-1, 1, 11)
-    p1 = L.plot_landscape_1d({"sgd": (alphas, alphas**2), "esam": (alphas.tolist(), (0.5 * alphas**2).tolist())}, tmp_path / "a" / "one.png")
-    betas = torch.linspace(-1, 1, 7)
-    z1 = alphas[:, None] ** 2 + betas[None, :] ** 2
-    p2 = L.plot_landscape_2d({"sgd": (alphas, betas, z1), "esam": (alphas, betas, 0.5 * z1)}, tmp_path / "two.png")
-    assert _is_png(p1) and _is_png(p2)
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures the plot functions save, for checking what they show."""
+    figures, save = [], L._save
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(L, "_save", keep)
+    return figures
+
+
+def _texts(fig):
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text)]
+
+
+def test_plot_1d_log_panel_zoom_panel_and_eigenvalues_in_legend(tmp_path, saved_figures):
+    alphas = torch.linspace(-1, 1, 21)
+    sharp, flat = 1.0 + 1000 * alphas**4, 1.2 + 50 * alphas**4  # SGD-like edges 1000x the minimum
+    eigenvalues = {"sgd": L.TopEigenvalue(33.27, 9, True), "esam": L.TopEigenvalue(18.4, 100, False)}
+    path = L.plot_landscape_1d({"sgd": (alphas, sharp), "esam": (alphas, flat)}, tmp_path / "a" / "one.png", eigenvalues)
+    assert _is_png(path)
+    (fig,) = saved_figures
+    full, zoom = fig.axes
+    assert full.get_yscale() == "log"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "33.27" in legend[0] and "18.4" in legend[1] and "not converged" in legend[1]
+    # Zoom: up to 2x the highest loss at alpha = 0 (1.2), over the alphas where some model is below it.
+    assert zoom.get_ylim()[1] == pytest.approx(2.4)
+    inside = alphas[(flat <= 2.4) | (sharp <= 2.4)]
+    assert zoom.get_xlim()[0] <= inside.min().item() and zoom.get_xlim()[1] >= inside.max().item()
+    assert zoom.get_xlim()[1] - zoom.get_xlim()[0] < 1.0  # narrower than the whole [-1, 1]
+    assert {ax.get_xlabel() for ax in fig.axes} == {"direction 1 (alpha)"}
+
+
+def test_plot_2d_log_spaced_levels_and_neutral_axis_names(tmp_path, saved_figures):
+    alphas_1, alphas_2 = torch.linspace(-1, 1, 11), torch.linspace(-1, 1, 7)
+    z = 1.0 + 1000 * (alphas_1[:, None] ** 4 + alphas_2[None, :] ** 4)
+    path = L.plot_landscape_2d({"sgd": (alphas_1, alphas_2, z), "esam": (alphas_1, alphas_2, 0.5 * z)}, tmp_path / "two.png")
+    assert _is_png(path)
+    (fig,) = saved_figures
+    contour = next(c for c in fig.axes[0].collections if getattr(c, "filled", False))
+    levels = torch.as_tensor(contour.levels, dtype=torch.float64)
+    # Shared, log-spaced levels from the lowest loss of all panels (0.5) to the highest (2001).
+    assert levels[0].item() == pytest.approx(0.5) and levels[-1].item() == pytest.approx(2001.0)
+    ratios = levels[1:] / levels[:-1]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, ratios[0].item()))
+    assert fig.axes[0].get_xlabel() == "direction 1 (alpha)" and fig.axes[0].get_ylabel() == "direction 2"
+    assert not [t for t in _texts(fig) if any(word in t.lower() for word in ("beta", "gamma", "rho"))]
+
+
+class ColumnQuadratic(Quadratic):
+    """0.5 w^T A w with w a column (n, 1): a 2-D weight, so filter normalisation gives it a direction."""
+
+    def __init__(self, a, seed=1):
+        super().__init__(a, seed)
+        self.w = nn.Parameter(self.w.detach()[:, None])
+
+    def forward(self):
+        return 0.5 * (self.w.T @ self.a @ self.w).squeeze()
 
 
 def test_landscape_report(tmp_path):
@@ -297,15 +379,19 @@ def test_landscape_report(tmp_path):
     batches = _image_batches()
     loss_fn = L.make_loss_fn(batches, num_batches=2)
     report = L.landscape_report(
-        models, loss_fn, tmp_path, seed=0, alphas_1d=[-1.0, 0.0, 1.0], alphas_2d=[-1.0, 0.0, 1.0], betas_2d=[-0.5, 0.0, 0.5], hessian_iters=3
+        models, loss_fn, tmp_path, seed=0, alphas_1d=[-1.0, 0.0, 1.0], alphas_2d=[-1.0, 0.0, 1.0], hessian_max_iters=3
     )
 
     assert _is_png(tmp_path / "landscape_1d.png") and _is_png(tmp_path / "landscape_2d.png")
     on_disk = json.loads((tmp_path / "landscape.json").read_text())
     assert on_disk["models"].keys() == {"sgd", "esam"}
+    assert (on_disk["hessian_max_iters"], on_disk["hessian_tol"]) == (3, 1e-3)
     for name, model in models.items():
         entry = on_disk["models"][name]
         assert isinstance(entry["top_hessian_eigenvalue"], float)
+        # max_iters caps each run; a negative dominant eigenvalue takes a second, shifted run.
+        assert isinstance(entry["hessian_converged"], bool) and 2 <= entry["hessian_iterations"] <= 2 * 3
+        assert entry["landscape_2d"]["alphas_1"] == entry["landscape_2d"]["alphas_2"] == [-1.0, 0.0, 1.0]
         assert len(entry["landscape_1d"]["losses"]) == 3
         assert len(entry["landscape_2d"]["losses"]) == 3 and len(entry["landscape_2d"]["losses"][0]) == 3
         with torch.no_grad():
@@ -314,3 +400,113 @@ def test_landscape_report(tmp_path):
         assert entry["landscape_1d"]["losses"][1] == pytest.approx(at_origin, rel=1e-6)
         assert entry["landscape_2d"]["losses"][1][1] == pytest.approx(at_origin, rel=1e-6)
     assert report["models"]["sgd"]["top_hessian_eigenvalue"] == on_disk["models"]["sgd"]["top_hessian_eigenvalue"]
+
+
+def test_landscape_report_eigenvalues_and_convergence_against_known_spectra(tmp_path):
+    spectra = {"sharp": [12.0, 3.0, 1.0, 0.5], "flat": [2.0, 0.5, 0.25, 0.1]}
+    models = {name: ColumnQuadratic(_sym_matrix(spectrum)) for name, spectrum in spectra.items()}
+    alphas = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    report = L.landscape_report(models, _quad_loss, tmp_path, alphas_1d=alphas, hessian_tol=1e-8, with_2d=False)
+    capped = L.landscape_report(models, _quad_loss, tmp_path / "capped", alphas_1d=alphas, hessian_max_iters=2,
+                                hessian_tol=1e-8, with_2d=False)
+    for name, spectrum in spectra.items():
+        entry, capped_entry = report["models"][name], capped["models"][name]
+        assert entry["top_hessian_eigenvalue"] == pytest.approx(max(spectrum), rel=1e-6)
+        assert entry["hessian_converged"] and 2 < entry["hessian_iterations"] < 100
+        assert (capped_entry["hessian_converged"], capped_entry["hessian_iterations"]) == (False, 2)
+        w = models[name].w.detach().flatten()
+        assert entry["landscape_1d"]["losses"][2] == pytest.approx(_analytic_quad(models[name].a, w), rel=1e-12)
+    assert not (tmp_path / "landscape_2d.png").exists()
+
+
+def test_progress_bars_label_grid_points_and_power_iterations(capsys):
+    a = _sym_matrix([3.0, 1.0])
+    model = Quadratic(a)
+    direction = [torch.ones(2, dtype=torch.float64)]
+    L.loss_landscape_1d(model, _quad_loss, direction, [-1.0, 0.0, 1.0], progress="quad: 1-D")
+    L.top_hessian_eigenvalue(model, _quad_loss, max_iters=50, tol=1e-6, progress="quad: Hessian")
+    err = capsys.readouterr().err
+    assert "quad: 1-D" in err and "/3 " in err
+    assert "quad: Hessian" in err and "/50" in err
+    L.loss_landscape_1d(model, _quad_loss, direction, [-1.0, 0.0, 1.0])  # no label: no bar
+    assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- #
+# `esam-hf landscape` (main)
+# --------------------------------------------------------------------------- #
+def _model_folder(path):
+    path.mkdir()
+    (path / "config.json").write_text("{}")  # enough for the option checks, which run before loading
+    return str(path)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail loudly if main gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(L, "load_model", refuse)
+    monkeypatch.setattr(L, "landscape_report", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--grid", "1"], "--grid must be an odd integer >= 3"),
+        (["--grid", "4"], "--grid must be an odd integer >= 3"),
+        (["--samples", "0"], "--samples must be an integer >= 1, got 0"),
+        (["--batch-size", "-2"], "--batch_size must be an integer >= 1, got -2"),
+        (["--hessian_max_iters", "0"], "--hessian_max_iters must be an integer >= 1"),
+        (["--hessian_tol", "1.5"], "--hessian_tol must be in (0, 1)"),
+        (["--names", "sgd,sgd"], "--names must give one distinct name per model"),
+        (["--names", "only_one"], "--names must give one distinct name per model"),
+        (["--dataset", "no-such-dataset"], "--dataset: "),
+    ],
+)
+def test_main_rejects_bad_options_before_any_work(tmp_path, capsys, no_work, extra, expected):
+    models = ",".join([_model_folder(tmp_path / "sgd"), _model_folder(tmp_path / "esam")])
+    argv = ["--models", models, "--dataset", "cifar10-subset", "--output_dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        L.main(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_rejects_a_folder_without_a_saved_model(tmp_path, capsys, no_work):
+    (tmp_path / "empty").mkdir()
+    argv = ["--models", f"{_model_folder(tmp_path / 'sgd')},{tmp_path / 'empty'}", "--dataset", "cifar10-subset",
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        L.main(argv)
+    assert f"--models: '{tmp_path / 'empty'}' is not a saved model folder (no config.json in it)" in capsys.readouterr().err
+
+
+def test_main_on_saved_models(tmp_path, capsys):
+    from esam_hf.models import create_model
+
+    for name, seed in (("sgd", 0), ("esam", 1)):
+        torch.manual_seed(seed)
+        create_model("cifar_resnet18", [str(c) for c in range(10)], channels=[4, 4, 8, 8]).save_pretrained(tmp_path / name)
+    before = (tmp_path / "sgd" / "model.safetensors").read_bytes()
+    report = L.main(["--models", f"{tmp_path / 'sgd'},{tmp_path / 'esam'}", "--dataset", "cifar10-subset",
+                     "--samples", "20", "--batch_size", "10", "--grid", "3", "--hessian_max_iters", "4",
+                     "--output_dir", str(tmp_path / "out")])
+
+    on_disk = json.loads((tmp_path / "out" / "landscape.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert _is_png(tmp_path / "out" / "landscape_1d.png") and _is_png(tmp_path / "out" / "landscape_2d.png")
+    assert (on_disk["hessian_max_iters"], on_disk["hessian_tol"]) == (4, 1e-3)
+    printed = capsys.readouterr().out
+    assert "| model | top Hessian eigenvalue | power iterations | converged | train-subset loss |" in printed
+    for name, entry in on_disk["models"].items():  # names default to the folder names
+        assert entry["landscape_1d"]["alphas"] == [-1.0, -0.5, 0.0, 0.5, 1.0]  # exactly 0 in the middle
+        assert entry["landscape_2d"]["alphas_1"] == [-1.0, 0.0, 1.0]
+        iterations, converged = entry["hessian_iterations"], entry["hessian_converged"]
+        assert 2 <= iterations <= 4 and (converged or iterations == 4)
+        row = f"| {name} | {entry['top_hessian_eigenvalue']:.4g} | {iterations} | {'yes' if converged else 'no'} |"
+        assert row in printed
+    assert (tmp_path / "sgd" / "model.safetensors").read_bytes() == before

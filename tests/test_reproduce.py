@@ -13,15 +13,22 @@ import pytest
 import torch
 from PIL import Image
 
-from esam_hf.reproduce import batch_schedule, landscape_main, main, plan_run, parse_args, reproduce_landscape
+from esam_hf.reproduce import batch_schedule, main, plan
 
 METHODS = ("sgd", "sam", "esam")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _argv(out, *extra):
-    return ["--recipe", "demo", "--epochs", "1", "--seeds", "0", "--max-train-samples", "128", "--max-eval-samples", "64",
-            "--batch-size", "32", "--output-dir", str(out), "--logging_steps", "1", *extra]
+    return ["--recipe", "demo", "--num_train_epochs", "1", "--seeds", "0", "--max_train_samples", "128",
+            "--max_eval_samples", "64", "--batch_size", "32", "--output_dir", str(out), "--logging_steps", "1", *extra]
+
+
+def _cut_off(run):
+    """As if the run had been killed after its last checkpoint: not finished, no final results."""
+    record = _read(run / "esam_run.json")
+    (run / "esam_run.json").write_text(json.dumps({**record, "status": "running"}))
+    os.remove(run / "all_results.json")
 
 
 def _read(path):
@@ -50,9 +57,9 @@ def test_batch_schedule_linear_scaling_rule():
 
 
 def test_passthrough_flags_reach_every_run_but_keep_each_method_itself(tmp_path):
-    opts, rest = parse_args(["--recipe", "cifar10-resnet18", "--methods", "sgd,sam,esam,esam_warmup", "--output-dir",
-                             str(tmp_path), "--esam_rho", "0.1", "--esam_gamma", "0.3", "--model_kwargs", '{"drop_rate": 0.1}'])
-    args = {m: plan_run(opts, m, 0, rest) for m in opts.methods}
+    opts, runs = plan(["--recipe", "cifar10-resnet18", "--methods", "sgd,sam,esam,esam_warmup", "--output_dir",
+                       str(tmp_path), "--esam_rho", "0.1", "--esam_gamma", "0.3", "--model_kwargs", '{"drop_rate": 0.1}'])
+    args = {m: runs[m, 0] for m in opts.method_list}
     training = {m: a[2] for m, a in args.items()}
     assert all(json.loads(a[0].model_kwargs) == {"drop_rate": 0.1} for a in args.values())
     assert training["sgd"].esam_rho == 0.0  # still SGD
@@ -63,9 +70,31 @@ def test_passthrough_flags_reach_every_run_but_keep_each_method_itself(tmp_path)
     assert training["esam"].per_device_train_batch_size == 128 and training["esam"].num_train_epochs == 200
 
 
-def test_unknown_method_is_refused():
+@pytest.mark.parametrize("argv, match", [
+    (["--methods", "sgd,adam"], "--methods: unknown adam"),
+    (["--methods", ","], "--methods: none given"),
+    (["--seeds", ","], "--seeds must list distinct integers"),
+    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+    (["--batch_size", "0"], "--batch_size must be an integer >= 1"),
+    (["--num_train_epochs", "0"], "num_train_epochs must be a finite number > 0"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--recipe", "demo", "--output_dir", str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--seed", "3"], "--seed: reproduce trains every seed of --seeds"),
+    (["--epochs", "3"], "unknown option --epochs"),
+    (["--output-dirr", "x"], "did you mean --output-dir"),
+])
+def test_flags_outside_the_convention_exit_with_a_hint(tmp_path, argv, match, capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--methods", "sgd,adam"])
+        main(["--recipe", "demo", "--output_dir", str(tmp_path / "out"), *argv])
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- #
@@ -143,10 +172,10 @@ def test_rerun_skips_and_missing_results_resume_from_checkpoint(reproduced, caps
     capsys.readouterr()
     main(_argv(out))
     printed = capsys.readouterr().out
-    assert all(f"{m}-seed0: skip" in printed for m in METHODS)
+    assert all(f"{m}-seed0: skip (finished, same settings)" in printed for m in METHODS)
     assert all(os.path.getmtime(out / f"{m}-seed0" / "model.safetensors") == weights[m] for m in METHODS)
 
-    os.remove(out / "esam-seed0" / "all_results.json")  # as if cut off after its last checkpoint
+    _cut_off(out / "esam-seed0")
     main(_argv(out))
     printed = capsys.readouterr().out
     assert "esam-seed0: resume from checkpoint-4" in printed and "sgd-seed0: skip" in printed
@@ -158,14 +187,14 @@ def test_rerun_skips_and_missing_results_resume_from_checkpoint(reproduced, caps
 def test_resume_mid_run_continues_timeline(tmp_path, capsys):
     """Two epochs of SGD, then cut back to the epoch-1 checkpoint: the resumed run redoes epoch 2 only
     and its clock continues from epoch 1's."""
-    argv = ["--recipe", "demo", "--methods", "sgd", "--epochs", "2", "--seeds", "0", "--max-train-samples", "64",
-            "--max-eval-samples", "32", "--batch-size", "32", "--output-dir", str(tmp_path), "--logging_steps", "1"]
+    argv = ["--recipe", "demo", "--methods", "sgd", "--num_train_epochs", "2", "--seeds", "0", "--max_train_samples", "64",
+            "--max_eval_samples", "32", "--batch_size", "32", "--output_dir", str(tmp_path), "--logging_steps", "1"]
     main(argv)
     run = tmp_path / "sgd-seed0"
     first = _read(run / "timeline.json")["epochs"]
     assert [e["step"] for e in first] == [2, 4]
     shutil.rmtree(run / "checkpoint-4")
-    os.remove(run / "all_results.json")
+    _cut_off(run)
     capsys.readouterr()
     main(argv)
     assert "sgd-seed0: resume from checkpoint-2" in capsys.readouterr().out
@@ -177,31 +206,27 @@ def test_resume_mid_run_continues_timeline(tmp_path, capsys):
     assert steps == [1, 2, 3, 4]  # epoch 1's logs from the checkpoint, then epoch 2's, each once
 
 
-# --------------------------------------------------------------------------- #
-# Landscape of the saved models
-# --------------------------------------------------------------------------- #
-def test_landscape_main_compares_saved_models(reproduced, tmp_path, capsys):
-    out, _ = reproduced
-    report = landscape_main(["--models", f"{out / 'sgd-seed0'},{out / 'sam-seed0'}", "--names", "sgd,sam",
-                             "--dataset", "cifar10-subset", "--samples", "64", "--batch-size", "32", "--grid", "5",
-                             "--hessian-iters", "3", "--out", str(tmp_path)])
-    for name in ("landscape_1d.png", "landscape_2d.png"):
-        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
-    saved = _read(tmp_path / "landscape.json")
-    assert set(saved["models"]) == {"sgd", "sam"}
-    for entry in saved["models"].values():
-        eigenvalue = entry["top_hessian_eigenvalue"]
-        assert torch.isfinite(torch.tensor(eigenvalue)) and eigenvalue > 0
-        assert len(entry["landscape_1d"]["alphas"]) == 9 and len(entry["landscape_2d"]["losses"]) == 5
-    printed = capsys.readouterr().out
-    assert "| sgd |" in printed and "| sam |" in printed
-    assert report["models"]["sgd"]["top_hessian_eigenvalue"] == saved["models"]["sgd"]["top_hessian_eigenvalue"]
+def test_runs_of_one_seed_start_from_the_same_weights(reproduced):
+    out, results = reproduced
+    checksums = {m: _read(out / f"{m}-seed0" / "esam_run.json")["initial_weights_sha256"] for m in METHODS}
+    assert len(set(checksums.values())) == 1 and len(checksums["sgd"]) == 64
+    assert {results["runs"][m]["0"]["initial_weights_sha256"] for m in METHODS} == set(checksums.values())
 
 
-def test_reproduce_landscape_one_model_per_method_1d_only(reproduced):
+def test_a_rerun_with_other_settings_is_refused_not_reused(reproduced, capsys):
     out, _ = reproduced
-    reproduce_landscape(str(out), ["sgd", "esam"], "cifar10-subset",
-                        extra_argv=["--samples", "32", "--grid", "3", "--hessian-iters", "2", "--no-2d"])
-    assert (out / "landscape" / "landscape_1d.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert not (out / "landscape" / "landscape_2d.png").exists()
-    assert set(_read(out / "landscape" / "landscape.json")["models"]) == {"sgd", "esam"}
+    before = {m: os.path.getmtime(out / f"{m}-seed0" / "esam_run.json") for m in METHODS}
+    with pytest.raises(ValueError, match=r"sgd-seed0 was trained with other settings \(training.num_train_epochs: 1.0 -> 2.0"):
+        main(_argv(out, "--num_train_epochs", "2"))
+    with pytest.raises(ValueError, match=r"training.learning_rate: 0.025 -> 0.01"):
+        main(_argv(out, "--learning_rate", "0.01"))
+    assert {m: os.path.getmtime(out / f"{m}-seed0" / "esam_run.json") for m in METHODS} == before
+
+
+def test_missing_matplotlib_is_found_before_training(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit, match="pip install 'esam-hf\\[plots\\]'"):
+        main(_argv(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
