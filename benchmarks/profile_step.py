@@ -1,33 +1,106 @@
-"""Time and profile one optimizer step of SGD, SAM and ESAM in a plain PyTorch loop (no Trainer),
-interleaved, median of 5 repeats, then a torch.profiler table of three ESAM steps.
+"""Time and profile one optimizer step of SGD, SAM and ESAM in a plain PyTorch loop (no Trainer).
 
-    python benchmarks/profile_step.py            # CPU: quarter-width cifar_resnet18, batch 64
+Methods are interleaved, median of 5 repeats of 5 steps; then a torch.profiler table of three
+ESAM steps and, on a GPU, how busy the GPU was during them (kernel time / wall time: well below 1
+means the step is launch- or host-bound, not compute-bound).
+
+    python benchmarks/profile_step.py                      # CPU: quarter-width cifar_resnet18, batch 64
+    python benchmarks/profile_step.py --batch 128          # GPU: full-width cifar_resnet18, batch 128, fp32
 """
-import torch, timm, esam_hf, time, statistics
+import argparse
+import json
+import statistics
+import time
+
+import timm
+import torch
 import torch.nn.functional as F
-from torch.profiler import profile, ProfilerActivity
+from torch.profiler import ProfilerActivity, profile
+
+import esam_hf.models  # noqa: F401  (registers cifar_resnet18)
 from esam_hf import ESAM
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--batch", type=int, default=None, help="default 128 on GPU, 64 on CPU")
+parser.add_argument("--bf16", action="store_true")
+parser.add_argument("--channels_last", action="store_true")
+parser.add_argument("--model", default="cifar_resnet18")
+parser.add_argument("--json", default=None, help="also write the timings here")
+parser.add_argument("--trace", default=None, help="write a chrome trace of the profiled steps here")
+args = parser.parse_args()
+
+cuda = torch.cuda.is_available()
+device = "cuda" if cuda else "cpu"
+batch = args.batch or (128 if cuda else 64)
 torch.manual_seed(0)
-m = timm.create_model("cifar_resnet18", channels=[16,32,64,128], num_classes=10)
-x, y = torch.randn(64,3,32,32), torch.randint(0,10,(64,))
-opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-def lf(b):
-    losses = F.cross_entropy(m(b[0]), b[1], reduction="none")
+kwargs = {} if cuda else {"channels": [16, 32, 64, 128]}  # two CPU cores: a quarter-width model
+model = timm.create_model(args.model, num_classes=10, **kwargs).to(device)
+memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+model = model.to(memory_format=memory_format)
+x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=memory_format)
+y = torch.randint(0, 10, (batch,), device=device)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def loss_fn(b):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+        logits = model(b[0])
+    losses = F.cross_entropy(logits.float(), b[1], reduction="none")
     return losses.mean(), losses.detach()
-def sgd_step():
-    opt.zero_grad(set_to_none=True); lf((x,y))[0].backward(); opt.step()
-configs = {"sgd": None, "sam": ESAM(m, rho=0.05, beta=1, gamma=1), "esam": ESAM(m, rho=0.05, beta=0.6, gamma=0.5)}
-def step(e):
-    if e is None: return sgd_step()
-    opt.zero_grad(set_to_none=True); e.step(lf, (x,y)); opt.step()
-times = {k: [] for k in configs}
-for r in range(5):
-    for k, e in configs.items():
-        step(e); t = time.perf_counter()
-        for _ in range(5): step(e)
-        times[k].append((time.perf_counter()-t)/5)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+methods = {"sgd": None, "sam": ESAM(model, rho=0.05, beta=1, gamma=1), "esam": ESAM(model, rho=0.05, beta=0.6, gamma=0.5),
+           "esam_random": ESAM(model, rho=0.05, beta=0.6, gamma=0.5, selection="random")}
+
+
+def step(esam):
+    opt.zero_grad(set_to_none=True)
+    if esam is None:
+        loss_fn((x, y))[0].backward()
+    else:
+        esam.step(loss_fn, (x, y))
+    opt.step()
+
+
+times = {k: [] for k in methods}
+for _ in range(5):
+    for name, esam in methods.items():
+        step(esam)
+        sync()
+        t = time.perf_counter()
+        for _ in range(5):
+            step(esam)
+        sync()
+        times[name].append((time.perf_counter() - t) / 5)
 med = {k: statistics.median(v) for k, v in times.items()}
-print({k: f"{64/v:.0f} img/s" for k, v in med.items()}, "esam/sgd", med["sgd"]/med["esam"], "sam/sgd", med["sgd"]/med["sam"])
-with profile(activities=[ProfilerActivity.CPU]) as prof:
-    for _ in range(3): step(configs["esam"])
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "batch": batch,
+          "bf16": args.bf16, "channels_last": args.channels_last, "model": args.model,
+          "images_per_s": {k: batch / v for k, v in med.items()},
+          "ratios": {"esam/sgd": med["sgd"] / med["esam"], "sam/sgd": med["sgd"] / med["sam"],
+                     "esam/sam": med["sam"] / med["esam"], "esam_random/sgd": med["sgd"] / med["esam_random"]}}
+
+activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+sync()
+with profile(activities=activities) as prof:
+    t = time.perf_counter()
+    for _ in range(3):
+        step(methods["esam"])
+    sync()
+    wall = time.perf_counter() - t
+averages = prof.key_averages()
+if cuda:
+    kernel_us = sum(e.self_device_time_total for e in averages)
+    result["profile"] = {"wall_ms_per_step": wall / 3 * 1e3, "gpu_kernel_ms_per_step": kernel_us / 3e3,
+                         "gpu_busy_fraction": kernel_us / 1e6 / wall}
+print(averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20))
+print(json.dumps(result, indent=1))
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+if args.trace:
+    prof.export_chrome_trace(args.trace)
