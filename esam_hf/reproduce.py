@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .arguments import explicit_options, make_parser, parse_args
+from .arguments import explicit_options, make_parser, parse_args, usage_error
 from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults
 from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, read_record, run_settings, settings_differences,
                   train_image_classifier, write_json)
@@ -358,7 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError:
             raise SystemExit(f"{PROG}: the plots need matplotlib: pip install 'esam-hf[plots]', or pass --plots false "
                              "(tables and JSON only).") from None
-    states = {key: run_state(*args) for key, args in runs.items()}  # a stale folder fails here, before training
+    try:  # a stale folder fails here, before training
+        states = {key: run_state(*args) for key, args in runs.items()}
+    except ValueError as e:
+        usage_error(PROG, str(e))
     recipe = get_recipe(opts.recipe)
     first_args = next(iter(runs.values()))[2]
     batch = first_args.per_device_train_batch_size * first_args.world_size * first_args.gradient_accumulation_steps
