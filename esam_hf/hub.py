@@ -427,17 +427,7 @@ def write_model_card(
     *,
     esam: Mapping[str, Any] | None = None,
     model_name: str | None = None,
-    dataset: str | None = None,
-    dataset_name: str | None = None,
-    dataset_config: str | None = None,
-    eval_split: str | None = None,
-    eval_samples: int | None = None,
-    eval_split_size: int | None = None,
-    recipe: str | None = None,
-    finetuned_from: str | None = None,
-    license: str | None = None,
-    language: str | list[str] | None = None,
-    tags: str | list[str] | None = None,
+    **card: Any,
 ) -> str:
     """Write the image-classification card as README.md in `output_dir` (default `args.output_dir`); return its path.
 
@@ -455,20 +445,17 @@ def write_model_card(
         finetuned_from: Hub id of the starting weights (`timm/resnet50.a1_in1k` with `--pretrained`): `base_model`.
         license: default `apache-2.0` when trained from scratch, none for a fine-tune (its base model's terms).
         language, tags: card metadata (the method's tags, `esam-hf`, `timm` and the task are always added).
+        (All but `esam` and `model_name` pass to `render_model_card` as they are.)
     """
     output_dir = output_dir or trainer.args.output_dir
     if esam is None:
         esam = {k: v for k, v in vars(trainer.args).items() if k.startswith("esam_")}
-    card = render_model_card(
-        trainer, esam=esam, model_name=model_name or os.path.basename(os.path.normpath(output_dir)), dataset=dataset,
-        dataset_name=dataset_name, dataset_config=dataset_config, eval_split=eval_split, eval_samples=eval_samples,
-        eval_split_size=eval_split_size, recipe=recipe, finetuned_from=finetuned_from, license=license,
-        language=language, tags=tags,
-    )
+    text = render_model_card(trainer, esam=esam, model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
+                             **card)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(card)
+        f.write(text)
     return path
 
 
