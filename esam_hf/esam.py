@@ -30,8 +30,9 @@ from torch import nn
 BN_STATS_MODES = ("clean", "all")
 GAMMA_SCHEDULES = ("linear", "cosine")
 # How SDS picks its k examples: the paper's instance sharpness l_i(w + e) - l_i(w), the loss
-# l_i(w + e) alone, or a uniform random subset (unbiased, and no selection forward pass).
-SELECTIONS = ("sharpness", "loss", "random")
+# l_i(w + e) alone, a uniform random subset (unbiased, and no selection forward pass), or the
+# sharpest share of each group (class) of the batch, so the descent is not dominated by one class.
+SELECTIONS = ("sharpness", "loss", "random", "balanced")
 
 
 def scheduled_gamma(gamma: float, progress: float, warmup: float, schedule: str = "linear") -> float:
@@ -139,6 +140,16 @@ def _ascent_gradients(loss: torch.Tensor, kept: list[torch.Tensor]) -> tuple[tor
         raise
 
 
+def _rank_within_groups(score: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """A key whose top k are about the top k/B share of every group: minus the fraction of an example's
+    own group that scores above it. Built from a [B, B] comparison, so it needs no host synchronisation."""
+    same = groups[:, None] == groups[None, :]
+    ahead = (same & (score[None, :] > score[:, None])).sum(1)
+    # Distinct fractions differ by at least 1/B^2; the score squashed below that breaks ties between
+    # groups towards the sharper example without reordering anything else.
+    return -(ahead + 0.5) / same.sum(1) + torch.sigmoid(score) / (score.numel() ** 2 + 1)
+
+
 class ESAM:
     """Perturb-and-restore training step of ESAM (SAM with beta = gamma = 1).
 
@@ -203,6 +214,7 @@ class ESAM:
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         grad_scaler: Any = None,
         gamma: float | None = None,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run one ESAM step; leaves the descent gradient accumulated in `.grad`.
 
@@ -219,12 +231,16 @@ class ESAM:
             grad_scaler: fp16 GradScaler: the ascent loss is scaled so small gradients
                 survive; the direction is scale-invariant.
             gamma: this step's SDS fraction instead of `self.gamma` (for schedules).
+            groups: integer group of each example [B] (e.g. its class label); needed by
+                selection "balanced", which keeps the sharpest share of every group.
         Returns:
             The detached objective at w.
         """
         backward = backward or torch.Tensor.backward
         gamma = self.gamma if gamma is None else gamma
         params = self.params
+        if self.selection == "balanced" and self.needs_scores(gamma):
+            self._check_groups(groups, batch_size_of(batch))
         kept = self._draw_kept(params) if self.rho > 0 else []
         if not kept:
             loss, _ = loss_fn(batch)
@@ -255,6 +271,8 @@ class ESAM:
                         perturbed_loss, perturbed_scores = loss_fn(batch)
                     rise = perturbed_loss - loss
                     score = self._selection_score(clean_scores, perturbed_scores, batch_size)
+                    if self.selection == "balanced":
+                        score = _rank_within_groups(score, groups)
                     index = score.topk(k, sorted=False).indices
                 descent, _ = loss_fn(batch if index is None else index_batch(batch, index, batch_size))
                 backward(descent)
@@ -275,12 +293,26 @@ class ESAM:
                     f"per-example scores {got} {name} for a batch of {batch_size}: return (loss, scores) with "
                     "scores of shape [B], or use selection='random' (no scores needed) or gamma=1."
                 )
-        return perturbed - clean if self.selection == "sharpness" else perturbed
+        return perturbed if self.selection == "loss" else perturbed - clean
+
+    @staticmethod
+    def _check_groups(groups, batch_size):
+        if not isinstance(groups, torch.Tensor) or tuple(groups.shape) != (batch_size,) or groups.is_floating_point():
+            got = type(groups).__name__ if not isinstance(groups, torch.Tensor) else f"{groups.dtype} {tuple(groups.shape)}"
+            raise ValueError(
+                f"SDS selection 'balanced' ranks examples within their groups: pass groups= an integer tensor of "
+                f"shape [{batch_size}] (e.g. the class labels), got {got}; or use selection 'sharpness' or 'random'."
+            )
+        return groups
 
     def _draw_kept(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.beta == 1:
+        if self.beta == 1 or not params:
             return params
         mask = torch.rand(len(params), generator=self.generator) < self.beta
+        if not mask.any():
+            # An empty draw would make this a plain step (likely with few trainable tensors, e.g. LoRA
+            # or a linear probe): perturb one tensor, drawn uniformly, so every step is sharpness-aware.
+            mask[torch.randint(len(params), (1,), generator=self.generator)] = True
         return [p for p, keep in zip(params, mask.tolist()) if keep]
 
     def _views(self, flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -131,6 +131,9 @@ def run_precision(trainer) -> str:
         mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
     dtype = next((p.dtype for p in _unwrap(trainer).parameters() if p.is_floating_point()), torch.float32)
     weights = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+    if mixed not in (None, "no") and accelerator is not None and not getattr(accelerator, "native_amp", True):
+        # e.g. fp16 on a CPU: accelerate runs no autocast and no GradScaler, so the run trained in `weights`.
+        return f"{weights} ({mixed} was requested; it does not run on this device, so none was used)"
     text = weights if mixed in (None, "no") else f"{mixed} mixed precision (autocast, {weights} weights)"
     if getattr(args, "tf32", None):
         text += ", TF32 matmuls"
@@ -346,6 +349,7 @@ def render_model_card(
     eval_split_size: int | None = None,
     recipe: str | None = None,
     finetuned_from: str | None = None,
+    resumed_from: Mapping[str, Any] | None = None,
     license: str | None = None,
     language: str | list[str] | None = None,
     tags: str | list[str] | None = None,
@@ -401,6 +405,10 @@ def render_model_card(
         initial = f"[{finetuned_from}](https://huggingface.co/{finetuned_from}) (fine-tuned; check its license)"
     else:
         initial = "random (trained from scratch)"
+    if resumed_from:
+        step = f" at step {resumed_from['step']}" if resumed_from.get("step") is not None else ""
+        by = f" of a {resumed_from['method']} run" if resumed_from.get("method") else ""
+        initial += f"; training resumed from a checkpoint{step}{by}"
     backbone = f"`{architecture}` (timm)" if is_timm else f"`{type(model).__name__}`"
     metric_rows = {}
     for key, value in metrics.items():
@@ -443,6 +451,7 @@ def write_model_card(
         eval_split_size: how many the full split has; `eval_samples < eval_split_size` is reported as a subset.
         recipe: the recipe name (`custom` when omitted).
         finetuned_from: Hub id of the starting weights (`timm/resnet50.a1_in1k` with `--pretrained`): `base_model`.
+        resumed_from: `{"step", "method"}` of the checkpoint the run resumed from, stated with the initial weights.
         license: default `apache-2.0` when trained from scratch, none for a fine-tune (its base model's terms).
         language, tags: card metadata (the method's tags, `esam-hf`, `timm` and the task are always added).
         (All but `esam` and `model_name` pass to `render_model_card` as they are.)
@@ -595,6 +604,7 @@ def create_model_card(
     eval_samples: int | None = None,
     eval_split_size: int | None = None,
     recipe: str | None = None,
+    resumed_from: Mapping[str, Any] | None = None,
 ) -> str:
     """Write `trainer`'s card to `output_dir/README.md`; return its path.
 
@@ -616,7 +626,7 @@ def create_model_card(
             trainer, esam=esam, model_name=model_name, dataset=dataset, dataset_name=dataset_name,
             dataset_config=dataset_config or (_listify(dataset_args) or [None])[0], eval_split=eval_split,
             eval_samples=eval_samples, eval_split_size=eval_split_size, recipe=recipe, finetuned_from=finetuned_from,
-            license=license, language=language, tags=tags,
+            resumed_from=resumed_from, license=license, language=language, tags=tags,
         )
     if trainer_card is None:
         raise ValueError(f"{type(model).__name__} is not an image classifier: pass trainer_card=Trainer.create_model_card")

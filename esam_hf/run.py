@@ -8,13 +8,17 @@ finished or diverged). A rerun into that folder is refused unless it resumes the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,28 +216,210 @@ def settings_differences(recorded: dict, settings: dict) -> list[str]:
     return diffs
 
 
-def prepare_output_dir(output_dir: str, settings: dict, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs in one folder: a non-empty `output_dir` is only reused to resume the same
-    settings (or emptied with `overwrite`)."""
-    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+# What --overwrite_output_dir may delete: the files a run writes (ours and the Trainer's). Anything
+# else in the folder is the user's, and the overwrite is refused rather than deleting it.
+RUN_FILES = frozenset({
+    RUN_RECORD, "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+    "training_args.bin", "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "preprocessor_config.json", "README.md", "runs",
+})
+RUN_PATTERNS = ("checkpoint-*", "tmp-checkpoint-*", "model-*-of-*.safetensors", f"{RUN_RECORD}.tmp-*",
+                "all_results.json.tmp-*", "*.py")
+LOCK_NAME = ".esam_run.lock"
+# What a checkpoint needs to resume exactly: without the optimizer and scheduler the learning-rate
+# schedule restarts at its peak with fresh momentum; without the ESAM state the SWP draws repeat.
+CHECKPOINT_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "esam_state.pt")
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or any(fnmatch.fnmatch(name, pattern) for pattern in RUN_PATTERNS)
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """`checkpoint-<step>` folders of `output_dir`, newest (highest step) first."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        step = name.removeprefix("checkpoint-")
+        if name.startswith("checkpoint-") and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(step), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """Why `checkpoint` cannot resume a run exactly (a missing, empty, truncated or unparsable file), or None."""
+    if not os.path.isdir(checkpoint):
+        return "it is not a folder"
+    names = set(os.listdir(checkpoint))
+    missing = [n for n in CHECKPOINT_STATE if n not in names]
+    if not names & set(CHECKPOINT_WEIGHTS):
+        missing.insert(0, "the model weights (model.safetensors)")
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    for name in sorted(names):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            continue
+        if os.path.getsize(path) == 0:
+            return f"{name} is empty"
+        if name.endswith(".json"):
+            try:
+                with open(path) as f:
+                    json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return f"{name} is not valid JSON ({e})"
+        elif name.endswith((".pt", ".pth", ".bin")):
+            # torch.save writes a zip whose directory is at the end: a file cut short has none.
+            if not zipfile.is_zipfile(path):
+                return f"{name} is truncated or not a torch file"
+    return None
+
+
+def resolve_checkpoint(output_dir: str, requested: str | bool | None) -> str | None:
+    """The checkpoint to resume: `requested` as given (checked), or for True the newest complete one in
+    `output_dir`, saying which newer ones were skipped and why. Raises ValueError naming every problem."""
+    if not requested:
+        return None
+    if requested is not True:
+        problem = checkpoint_problem(requested)
+        if problem:
+            raise ValueError(f"--resume_from_checkpoint {requested}: {problem}, so the run cannot continue exactly "
+                             "where it stopped. Resume from another checkpoint, or start over.")
+        return requested
+    skipped = []
+    for checkpoint in checkpoints(output_dir):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            for path, why in skipped:
+                print(f"{PROG}: skipping {path}: {why} (a run killed while saving, or saved with --save_only_model); "
+                      f"resuming from {checkpoint}. Delete the damaged folder to silence this.", file=sys.stderr)
+            return checkpoint
+        skipped.append((checkpoint, problem))
+    if skipped:
+        raise ValueError(f"--resume_from_checkpoint last: no checkpoint in {output_dir} can resume the run exactly ("
+                         + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
+                         + "). Start over with --overwrite_output_dir.")
+    raise ValueError(f"--resume_from_checkpoint last: {output_dir} holds no checkpoint to resume (the run stopped before "
+                     "its first save). Start over with --overwrite_output_dir.")
+
+
+class OutputDirClaim:
+    """This process's hold on an output folder: a lock file created exclusively (so a second run into the
+    same folder is refused, not raced), and the old run's files that `--overwrite_output_dir` replaces,
+    deleted only by `clear_old_run()` once the new run's data and model are built."""
+
+    def __init__(self, output_dir: str, old_files: list[str]):
+        self.output_dir, self.old_files = output_dir, old_files
+        self.lock = os.path.join(output_dir, LOCK_NAME)
+
+    def clear_old_run(self) -> None:
+        for path in self.old_files:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        self.old_files = []
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.lock)
+
+
+def _take_lock(output_dir: str) -> None:
+    lock = os.path.join(output_dir, LOCK_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    host, pid = f.read().split()
+            except (OSError, ValueError):  # being written this instant, or damaged
+                host, pid = None, "0"
+            if host == socket.gethostname() and not _alive(int(pid)):
+                os.unlink(lock)  # left by a run that was killed: take it over
+                continue
+            raise ValueError(f"--output_dir {output_dir} is in use by another run (process {pid} on {host}; lock file "
+                             f"{lock}). Wait for it, or choose another --output_dir. If no such run exists, delete the "
+                             "lock file.") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
         return
-    if overwrite:
-        shutil.rmtree(output_dir)
-        return
-    record = read_record(output_dir)
-    if resume and record is not None:
-        diffs = settings_differences(record["settings"], settings)
-        if diffs:
-            raise ValueError(f"--resume_from_checkpoint: {output_dir} was trained with other settings ("
-                             + "; ".join(diffs[:8]) + "). Resume with the same options, or pass "
-                             "--overwrite_output_dir to start over, or choose another --output_dir.")
-        return
-    if resume:
-        raise ValueError(f"--resume_from_checkpoint: {output_dir} has no {RUN_RECORD}, so what trained it is unknown; "
-                         "pass --overwrite_output_dir to start over, or choose another --output_dir.")
-    what = f"a {record['status']} {record.get('method', '')} run".replace("  ", " ") if record else "other files"
-    raise ValueError(f"--output_dir {output_dir} already holds {what}. Continue it with --resume_from_checkpoint last, "
-                     "replace it with --overwrite_output_dir, or choose another --output_dir.")
+    raise ValueError(f"--output_dir {output_dir}: could not take the lock file {lock}; another run is starting there.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def claim_output_dir(output_dir: str, settings: dict, *, resume: str | bool | None, overwrite: bool,
+                     protected: list[str] = ()) -> OutputDirClaim:
+    """Check that a run may write into `output_dir`, then lock it. A folder is reused only to resume an
+    unfinished run with the same settings, or with `overwrite` to replace a run of ours: files that are
+    not a run's, the working directory and a folder holding `protected` paths (the dataset) are never
+    deleted. Raises ValueError saying what is in the way, before anything is built or deleted."""
+    existing = sorted(n for n in os.listdir(output_dir) if n != LOCK_NAME) if os.path.isdir(output_dir) else []
+    old_files: list[str] = []
+    if existing:
+        record = read_record(output_dir)
+        if overwrite:
+            here = os.path.realpath(output_dir)
+            inside = [p for p in [os.getcwd(), *protected] if p and os.path.realpath(p).startswith(here + os.sep) or
+                      p and os.path.realpath(p) == here]
+            if inside:
+                raise ValueError(f"--overwrite_output_dir: {output_dir} holds {inside[0]} (the working directory or "
+                                 "the dataset); choose another --output_dir.")
+            foreign = [n for n in existing if not _is_run_file(n)]
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise ValueError(f"--overwrite_output_dir only replaces a training run, and {output_dir} also holds "
+                                 f"{shown}. Move those away, or choose another --output_dir.")
+            old_files = [os.path.join(output_dir, n) for n in existing]
+        elif resume:
+            if record is None:
+                raise ValueError(f"--resume_from_checkpoint: {output_dir} has no {RUN_RECORD}, so what trained it is "
+                                 "unknown; pass --overwrite_output_dir to start over, or choose another --output_dir.")
+            diffs = settings_differences(record["settings"], settings)
+            if diffs:
+                raise ValueError(f"--resume_from_checkpoint: {output_dir} was trained with other settings ("
+                                 + "; ".join(diffs[:8]) + "). Resume with the same options, or pass "
+                                 "--overwrite_output_dir to start over, or choose another --output_dir.")
+            if record.get("status") == "finished":
+                raise ValueError(f"--resume_from_checkpoint: the run in {output_dir} has finished; there is nothing to "
+                                 "resume and its results stand. Train it again with --overwrite_output_dir, or choose "
+                                 "another --output_dir.")
+            if resume is True:
+                resolve_checkpoint(output_dir, True)  # refuse now if nothing can be resumed
+        else:
+            raise ValueError(_occupied_message(output_dir, record))
+    os.makedirs(output_dir, exist_ok=True)
+    _take_lock(output_dir)
+    return OutputDirClaim(output_dir, old_files)
+
+
+def _occupied_message(output_dir: str, record: dict | None) -> str:
+    if record is None:
+        return (f"--output_dir {output_dir} already holds other files. Choose another --output_dir (or, if it holds "
+                "only an old run, replace it with --overwrite_output_dir).")
+    what = f"{record.get('method', '')} run".strip()
+    status = record.get("status")
+    if status == "finished":
+        top1 = (record.get("metrics") or {}).get("eval_accuracy")
+        score = f" (top-1 {top1:.4f})" if isinstance(top1, float) else ""
+        return (f"--output_dir {output_dir} already holds a finished {what}{score}. Replace it with "
+                "--overwrite_output_dir, or choose another --output_dir.")
+    if status in ("running", "failed", "interrupted") and not checkpoints(output_dir):
+        return (f"--output_dir {output_dir} holds a {what} that stopped before its first checkpoint ({status}). "
+                "Start over with --overwrite_output_dir, or choose another --output_dir.")
+    return (f"--output_dir {output_dir} already holds a {status} {what}. Continue it with --resume_from_checkpoint "
+            "last, replace it with --overwrite_output_dir, or choose another --output_dir.")
 
 
 # --------------------------------------------------------------------------- #
@@ -241,13 +427,17 @@ def prepare_output_dir(output_dir: str, settings: dict, *, resume: bool, overwri
 # --------------------------------------------------------------------------- #
 def train_image_classifier(model_args: ModelArguments, data_args: DataArguments, training_args,
                            recipe: str = "custom", resume_from_checkpoint: str | bool | None = None,
-                           callbacks: list | None = None, train: bool = True, evaluate: bool = True) -> dict[str, Any]:
+                           callbacks: list | None = None, train: bool = True, evaluate: bool = True,
+                           claim: OutputDirClaim | None = None) -> dict[str, Any]:
     """Train (`train`), save the model (with its image processor config and card), evaluate
     (`evaluate`); record the run in `esam_run.json`. Returns the final metrics. (`esam-hf train`
     passes `--do_train` / `--do_eval` here, both on unless one of them is given.)
 
     A run that diverged (non-finite gradients or weights) records "diverged", writes its results
-    with the reason and raises `TrainingDiverged`: it never reports a score as if it had trained."""
+    with the reason and raises `TrainingDiverged`: it never reports a score as if it had trained.
+    A run stopped by any other error records "failed" (or "interrupted") with the error. With `claim`
+    (from `claim_output_dir`), the old run it replaces is deleted only once the new data and model are
+    built, so a mistake in the new command costs nothing."""
     from .trainer import TrainingDiverged, esam_config
 
     output_dir = training_args.output_dir
@@ -255,11 +445,17 @@ def train_image_classifier(model_args: ModelArguments, data_args: DataArguments,
     spec, model, data = build_model_and_data(model_args, data_args, training_args.seed,
                                              check_workers=training_args.dataloader_num_workers)
     trainer = image_trainer(model, data, training_args, callbacks=callbacks)
+    if claim is not None:
+        claim.clear_old_run()
     record = read_record(output_dir) or {}
+    record.pop("metrics", None)
     record.update(settings=settings, method=method_of(esam_config(training_args)), recipe=recipe, status="running",
                   train_samples=len(data.train_dataset) if data.train_dataset is not None else None,
                   eval_samples=len(data.eval_dataset) if data.eval_dataset is not None else None)
     record.setdefault("initial_weights_sha256", weights_checksum(trainer.model))
+
+    if resume_from_checkpoint:
+        record["resumed_from"] = resume_source(resume_from_checkpoint, output_dir)
     if trainer.is_world_process_zero():
         os.makedirs(output_dir, exist_ok=True)
         write_json(os.path.join(output_dir, RUN_RECORD), record)
@@ -270,6 +466,12 @@ def train_image_classifier(model_args: ModelArguments, data_args: DataArguments,
             metrics.update(trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics)
         except TrainingDiverged as e:
             _finish(trainer, record, {**metrics, "diverged": str(e)}, status="diverged")
+            raise
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            if trainer.is_world_process_zero():
+                write_json(os.path.join(output_dir, RUN_RECORD),
+                           {**record, "status": status, "error": f"{type(e).__name__}: {e}"})
             raise
         # Save before evaluating: an evaluation error must not cost the finished training.
         trainer.save_model()
@@ -286,10 +488,27 @@ def train_image_classifier(model_args: ModelArguments, data_args: DataArguments,
     _finish(trainer, record, metrics, status="finished")
     if train:
         kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, output_dir)
+        if record.get("resumed_from"):
+            kwargs["resumed_from"] = record["resumed_from"]
         trainer.create_model_card(**kwargs)
         if training_args.push_to_hub:
             trainer.push_to_hub(**kwargs)
     return metrics
+
+
+def resume_source(checkpoint: str | bool, output_dir: str) -> dict[str, Any]:
+    """Where a resumed run continues from: the checkpoint, its step, and the method of the run that wrote it."""
+    path = checkpoint if isinstance(checkpoint, str) else (checkpoints(output_dir) or [None])[0]
+    source: dict[str, Any] = {"checkpoint": os.path.abspath(path) if path else None}
+    if path:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                source["step"] = json.load(f)["global_step"]
+        with contextlib.suppress(ValueError, OSError):
+            parent = read_record(os.path.dirname(os.path.abspath(path)))
+            if parent:
+                source["method"] = parent.get("method")
+    return source
 
 
 def card_kwargs(spec, data, model, model_args: ModelArguments, data_args: DataArguments, recipe: str,
@@ -358,13 +577,18 @@ def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, 
             f"started as {launched} processes (accelerate launch / torchrun), but there is no GPU here, so each process "
             f"would train its own model into one folder. Add --use_cpu for real {launched}-process DDP on CPU "
             "(gloo), or launch a single process.")
-    # "last" (TrainingArguments' own option) picks the newest checkpoint in output_dir.
+    # "last" (TrainingArguments' own option): the newest complete checkpoint in output_dir.
     resume = True if training_args.resume_from_checkpoint == "last" else training_args.resume_from_checkpoint
+    claim = None
     if training_args.should_save:
         try:
-            prepare_output_dir(training_args.output_dir, run_settings(model_args, data_args, training_args),
-                               resume=bool(resume), overwrite=run_args.overwrite_output_dir)
+            claim = claim_output_dir(training_args.output_dir, run_settings(model_args, data_args, training_args),
+                                     resume=resume, overwrite=run_args.overwrite_output_dir,
+                                     protected=[data_args.dataset, os.path.abspath(data_args.dataset)])
+            resume = resolve_checkpoint(training_args.output_dir, resume)
         except ValueError as e:
+            if claim is not None:
+                claim.release()
             usage_error(prog, str(e))
     label = f"{recipe_args.recipe} ({recipe_args.optimizer or 'esam'})" if recipe_args.recipe else model_args.model_name
     from .trainer import TrainingDiverged
@@ -372,10 +596,13 @@ def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, 
     try:
         metrics = train_image_classifier(model_args, data_args, training_args, recipe=recipe_args.recipe or "custom",
                                          resume_from_checkpoint=resume, train=training_args.do_train,
-                                         evaluate=training_args.do_eval)
+                                         evaluate=training_args.do_eval, claim=claim)
     except TrainingDiverged as e:  # recorded as diverged in output_dir; no score to print
         print(f"{prog}: training diverged: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        if claim is not None:
+            claim.release()
     if training_args.should_save:
         print(results_table({label: metrics}))
         print(f"\nSaved to {training_args.output_dir}: model, preprocessing config and model card (README.md)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 from dataclasses import dataclass, field
@@ -47,8 +48,9 @@ class ESAMTrainingArguments(TrainingArguments):
     )
     esam_selection: str = field(
         default="sharpness",
-        metadata={"help": "SDS score: 'sharpness' l(w+e) - l(w) (the paper's), 'loss' l(w+e), or 'random' "
-                          "(a uniform subset: unbiased, and skips the selection forward pass).",
+        metadata={"help": "SDS score: 'sharpness' l(w+e) - l(w) (the paper's), 'loss' l(w+e), 'random' "
+                          "(a uniform subset: unbiased, and skips the selection forward pass), or 'balanced' "
+                          "(the sharpest share of each class in the batch; needs integer class labels).",
                   "choices": list(SELECTIONS)},
     )
 
@@ -142,11 +144,16 @@ class ESAMTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self.esam = None  # `model_init` may build a new model
-        self.nonfinite_guard.reset()
-        output = super().train(*args, **kwargs)
         guard = self.nonfinite_guard
+        guard.reset()
+        guard.scaler = self.accelerator.scaler  # fp16 on a GPU: the GradScaler skips non-finite steps itself
+        output = super().train(*args, **kwargs)
+        guard.sync(self.state)
         reason = guard.diverged
-        params = [p for p in self.model.parameters()]
+        # Only trainable floating-point tensors can have changed (4-bit and fp8 weights are integer-coded or
+        # have no norm kernel, and frozen ones keep their values).
+        params = [p for p in self.model.parameters()
+                  if p.requires_grad and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
         if reason is None and params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
             reason = "the weights are no longer finite (NaN or infinite) at the end of training"
         if reason is not None:
@@ -182,6 +189,7 @@ class ESAMTrainer(Trainer):
             no_sync=lambda: self.accelerator.no_sync(model),
             grad_scaler=self.accelerator.scaler,
             gamma=self.current_gamma(),
+            groups=inputs.get("labels") if esam.selection == "balanced" else None,
         )
         if esam.last_selection is not None and self._head == "classification":
             self._record_class_shares(inputs.get("labels"), esam.last_selection)
@@ -260,6 +268,8 @@ class ESAMTrainer(Trainer):
                     stats[key] *= self.args.gradient_accumulation_steps
             logs.update(stats)
             logs.update(self._pop_class_shares())
+        if "loss" in logs:
+            self.nonfinite_guard.sync(self.state, self.control)
             logs["esam/skipped_steps"] = self.nonfinite_guard.skipped
         super().log(logs, *args, **kwargs)
 
@@ -298,6 +308,22 @@ class ESAMTrainer(Trainer):
             dataset=dataset, dataset_args=dataset_args, **kwargs,
         )
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self.nonfinite_guard.grad_norm = grad_norm  # its finite flag, without a second pass over the gradients
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:
+            # torch reports a write that came up short as "unexpected pos", naming neither the disk nor the file.
+            if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space left" in str(e):
+                raise OSError(errno.ENOSPC, f"No space left on device while saving {folder} ({e}). Free space "
+                              "(or set save_total_limit), delete that incomplete checkpoint, and resume.") from e
+            raise
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
@@ -310,6 +336,9 @@ class ESAMTrainer(Trainer):
         if path and os.path.isfile(path):
             with _naming_damaged_checkpoint(path, "ESAM state"):
                 self._get_esam().load_state_dict(torch.load(path, weights_only=True))
+        elif path:
+            logger.warning(f"{checkpoint} has no {ESAM_STATE_NAME}: the SWP generator restarts from its seed, so the "
+                           "resumed run repeats the perturbation draws of its first steps.")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         with _naming_damaged_checkpoint(resume_from_checkpoint, "model weights"):
@@ -331,31 +360,59 @@ def _naming_damaged_checkpoint(path: str | None, what: str):
         ) from e
 
 
+
 class NonFiniteGradientGuard(TrainerCallback):
-    """Skips an optimizer step whose gradient is not finite (as an fp16 GradScaler does), so NaN or inf
-    never reaches the weights, and stops training as diverged after NONFINITE_PATIENCE such steps in
-    a row. The check reads one flag per optimizer step on the host, the same price as GradScaler's;
-    under fp16 the scaler itself skips those steps."""
+    """Keeps a non-finite gradient from reaching the weights, and stops training as diverged after
+    NONFINITE_PATIENCE optimizer steps in a row with one, without reading anything on the host
+    between logging steps.
+
+    The finite flag is the gradient norm the Trainer computes at every optimizer step (for clipping,
+    or for logging): when it is not finite, every gradient is set to 0 on the device, so the
+    optimizer's step applies only its momentum and weight decay. The counts stay on the device and
+    are read (`sync`, one host read) at the Trainer's logging steps and at the end of training, so a
+    diverged run stops at the first logging step after the tenth such step in a row. Under an fp16
+    GradScaler the scaler itself skips those steps, and the guard stands down.
+    """
 
     def reset(self):
         self.skipped, self.in_a_row, self.diverged = 0, 0, None
+        self._counts: torch.Tensor | None = None  # device: [skipped, current run, longest run since last sync]
+        self.grad_norm: torch.Tensor | float | None = None  # set by the trainer before each optimizer step
 
     def __init__(self):
+        self.scaler = None
         self.reset()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16 or model is None:
+        if model is None or self.scaler is not None:
             return
-        grads = [p.grad if p.grad.layout == torch.strided else p.grad.coalesce().values()
+        grads = [p.grad if p.grad.layout == torch.strided else p.grad._values()
                  for p in model.parameters() if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-            self.in_a_row = 0
+        if not grads:
             return
-        # Optimizers skip parameters without a gradient: no momentum, no weight decay, no update.
-        for p in model.parameters():
-            p.grad = None
-        self.skipped += 1
-        self.in_a_row += 1
-        if self.in_a_row >= NONFINITE_PATIENCE:
-            self.diverged = f"the gradient was not finite in {self.in_a_row} optimizer steps in a row (up to step {state.global_step + 1})"
-            control.should_training_stop = True
+        norm = self.grad_norm
+        if not isinstance(norm, torch.Tensor):  # a Trainer that did not compute it: one pass over the gradients
+            norm = torch.stack(torch._foreach_norm(grads)).norm()
+        bad = ~torch.isfinite(norm.detach().to(grads[0].device))
+        # No foreach op zeroes NaN (NaN * 0 is NaN): one masked_fill_ per tensor, queued without a sync.
+        for g in grads:
+            g.masked_fill_(bad, 0)
+        bad = bad.float()
+        counts = self._counts if self._counts is not None else bad.new_zeros(3)
+        run = (counts[1] + 1) * bad
+        self._counts = torch.stack([counts[0] + bad, run, torch.maximum(counts[2], run)])
+        self.grad_norm = None
+
+    def sync(self, state=None, control=None) -> None:
+        """Read the device counts (one host sync): call at logging steps and at the end of training."""
+        if self._counts is None:
+            return
+        skipped, run, longest = (int(v) for v in self._counts.tolist())
+        self.skipped += skipped
+        self.in_a_row = run
+        self._counts = self._counts.new_tensor([0, run, run])
+        if longest >= NONFINITE_PATIENCE and self.diverged is None:
+            step = f" (by step {state.global_step})" if state is not None else ""
+            self.diverged = f"the gradient was not finite in {longest} optimizer steps in a row{step}"
+            if control is not None:
+                control.should_training_stop = True

@@ -485,3 +485,63 @@ def test_sparse_embedding_gradients_match_a_hand_written_sam_step():
     F.cross_entropy(forward(ref, ids), y).backward()
     for p, r in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad.to_dense(), r.grad.to_dense())
+
+
+def test_swp_perturbs_at_least_one_tensor_every_step_drawn_fairly():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False))  # 3 trainable tensors
+    esam = ESAM(model, rho=0.1, beta=0.2, gamma=1.0, seed=0)
+    draws = [[id(p) for p in esam._draw_kept(esam.params)] for _ in range(3000)]
+    assert min(len(d) for d in draws) == 1
+    # P(kept) = beta + (1 - beta)^3 / 3 for each tensor; equal for all three.
+    expected = 0.2 + 0.8 ** 3 / 3
+    for p in esam.params:
+        share = sum(id(p) in d for d in draws) / len(draws)
+        assert abs(share - expected) < 0.03, (share, expected)
+    # Logged: the fraction actually perturbed, over every step.
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    def loss_fn(b):
+        losses = F.cross_entropy(model(b[0]), b[1], reduction="none")
+        return losses.mean(), losses.detach()
+
+    esam = ESAM(model, rho=0.1, beta=0.2, gamma=1.0, seed=1)
+    reference = ESAM(model, rho=0.1, beta=0.2, gamma=1.0, seed=1)
+    perturbed = [len(reference._draw_kept(reference.params)) / 3 for _ in range(50)]
+    for _ in range(50):
+        esam.step(loss_fn, (x, y))
+    assert esam.pop_stats()["esam/swp_kept_fraction"] == pytest.approx(sum(perturbed) / 50)
+
+
+def test_balanced_selection_keeps_the_sharpest_share_of_every_class():
+    from esam_hf.esam import _rank_within_groups
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        labels = torch.randint(0, 4, (24,), generator=g)
+        score = torch.randn(24, generator=g)
+        k = 12
+        chosen = set(_rank_within_groups(score, labels).topk(k).indices.tolist())
+        # Reference: rank within each class by score, as a fraction of the class; the k lowest fractions
+        # (sharper first on ties).
+        keys = []
+        for i in range(24):
+            mates = [j for j in range(24) if labels[j] == labels[i]]
+            ahead = sum(score[j] > score[i] for j in mates)
+            keys.append(((ahead + 0.5) / len(mates), -float(score[i]), i))
+        assert chosen == {i for _, _, i in sorted(keys)[:k]}
+        for c in labels.unique():  # about half of every class: never more than one example off
+            n = int((labels == c).sum())
+            assert abs(sum(int(labels[i]) == int(c) for i in chosen) - n / 2) <= 1
+
+
+def test_balanced_selection_needs_groups_and_says_so():
+    model = TinyConvNet()
+    esam = ESAM(model, rho=0.1, beta=1.0, gamma=0.5, selection="balanced")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"selection 'balanced' .* pass groups= an integer tensor of shape \[16\]"):
+        esam.step(loss_fn_for(model), batch())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    x, y = batch()
+    esam.step(loss_fn_for(model), (x, y), groups=y)
+    kept, total = torch.bincount(y[esam.last_selection], minlength=4), torch.bincount(y, minlength=4)
+    assert int(kept.sum()) == 8 and all(abs(int(a) - int(n) / 2) <= 1 for a, n in zip(kept, total))

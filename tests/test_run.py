@@ -140,8 +140,11 @@ def test_a_rerun_into_a_used_output_dir_is_refused_resumed_or_overwritten(tmp_pa
     with pytest.raises(SystemExit):
         cli_main([*argv, "--max_steps", "2", "--resume_from_checkpoint", "last"])
     assert "was trained with other settings (training.max_steps: 1 -> 2" in capsys.readouterr().err
-    cli_main([*argv, "--max_steps", "1", "--resume_from_checkpoint", "last"])  # same settings: resumes, trains nothing
-    assert _record(out)["settings"]["training"]["max_steps"] == 1
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit):  # a finished run is finished: nothing resumes, nothing is rewritten
+        cli_main([*argv, "--max_steps", "1", "--resume_from_checkpoint", "last"])
+    assert "has finished; there is nothing to resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     cli_main([*argv, "--max_steps", "2", "--overwrite_output_dir"])
     assert _record(out)["settings"]["training"]["max_steps"] == 2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

@@ -1,0 +1,188 @@
+"""Accuracy per unit of compute on CPU: SGD, SAM and ESAM modes on a small real-image task.
+
+A plain PyTorch loop around `esam_hf.ESAM` (no Trainer), one thread per run so two runs share a
+2-core machine without disturbing each other's process time. Training data: a class-stratified
+share of the bundled CIFAR-10 subset (3,000 train / 1,000 test images), optionally with seeded
+symmetric label noise on the training split only. Each run appends one JSON line to `--out`:
+its settings, test accuracy, final training loss and the process time of training (evaluation
+excluded).
+
+    python benchmarks/cpu_study.py --method sam --rho 0.2 --seed 0 --out benchmarks/results/cpu_study.jsonl
+    python benchmarks/cpu_study.py --sweep "sgd,sam,esam" --seeds 0,1,2 --rho 0.2 --out ...   # in sequence
+
+The methods (beta, gamma, selection; rho from --rho, 0 for sgd):
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+METHODS = {
+    "sgd": dict(beta=1.0, gamma=1.0, selection="sharpness", rho=0.0),
+    "sam": dict(beta=1.0, gamma=1.0, selection="sharpness"),
+    "esam": dict(beta=0.6, gamma=0.5, selection="sharpness"),  # the paper's ESAM
+    "random": dict(beta=0.6, gamma=0.5, selection="random"),
+    "balanced": dict(beta=0.6, gamma=0.5, selection="balanced"),
+    "swp": dict(beta=0.6, gamma=1.0, selection="sharpness"),  # SWP only
+    "sds": dict(beta=1.0, gamma=0.5, selection="sharpness"),  # SDS only
+    "warmup": dict(beta=0.6, gamma=0.5, selection="sharpness", gamma_warmup=0.3),
+}
+__doc__ += "".join(f"    {name:9s} {spec}\n" for name, spec in METHODS.items())
+
+
+def load_subset(n_train: int, noise: float, noise_seed: int = 0):
+    """uint8 images and int64 labels of the bundled subset: the first n_train/10 training images of
+    each class (the subset's rows are shuffled), with `noise` of them relabelled uniformly at random to
+    another class (seeded by `noise_seed`, the same for every method and training seed)."""
+    import datasets
+
+    from esam_hf.data.cifar import cifar_tensors
+    from esam_hf.data.specs import CIFAR10_SUBSET_DIR
+
+    ds = datasets.load_dataset(str(CIFAR10_SUBSET_DIR))
+    x_train, y_train = cifar_tensors(ds["train"], "img", "label")
+    x_test, y_test = cifar_tensors(ds["test"], "img", "label")
+    per_class = n_train // 10
+    index = torch.cat([torch.nonzero(y_train == c).flatten()[:per_class] for c in range(10)]).sort().values
+    x_train, y_train = x_train[index], y_train[index].clone()
+    if noise > 0:
+        gen = torch.Generator().manual_seed(noise_seed)
+        flip = torch.randperm(len(y_train), generator=gen)[: round(noise * len(y_train))]
+        y_train[flip] = (y_train[flip] + torch.randint(1, 10, (len(flip),), generator=gen)) % 10
+    return x_train, y_train, x_test, y_test
+
+
+def run(args) -> dict:
+    import timm
+
+    import esam_hf.models  # noqa: F401  (registers cifar_resnet18 with timm)
+    from esam_hf import ESAM
+    from esam_hf.data.cifar import CifarAugment
+    from esam_hf.esam import scheduled_gamma
+
+    torch.set_num_threads(args.threads)
+    spec = dict(METHODS[args.method])
+    rho = spec.pop("rho", args.rho)
+    for key in ("beta", "gamma", "selection", "gamma_warmup"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    warmup = spec.pop("gamma_warmup", 0.0)
+
+    x_train, y_train, x_test, y_test = load_subset(args.n_train, args.noise)
+    torch.manual_seed(args.seed)
+    width = args.width
+    model = timm.create_model("cifar_resnet18", num_classes=10, channels=[width, 2 * width, 4 * width, 8 * width])
+    augment = CifarAugment(train=True, crop=args.aug, flip=args.aug, cutout=False,
+                           generator=torch.Generator().manual_seed(args.seed))
+    normalise = CifarAugment(train=False)
+    steps_per_epoch = len(x_train) // args.batch
+    total = steps_per_epoch * args.epochs
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.25)
+    esam = ESAM(model, rho=rho, seed=args.seed, **spec)
+
+    def loss_fn(batch):
+        x, y = batch
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        return losses.mean(), losses.detach()
+
+    order_gen = torch.Generator().manual_seed(args.seed)
+    start = time.process_time()
+    wall = time.perf_counter()
+    model.train()
+    step, recent = 0, []
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(x_train), generator=order_gen)
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch:(i + 1) * args.batch]
+            x, y = augment(x_train[idx]), y_train[idx]
+            g = scheduled_gamma(esam.gamma, step / total, warmup) if warmup else None
+            loss = esam.step(loss_fn, (x, y), gamma=g, groups=y)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            recent.append(loss)
+        if not math.isfinite(float(loss)):
+            break
+    train_loss = float(torch.stack(recent[-steps_per_epoch:]).mean())
+    train_s = time.process_time() - start
+    wall_s = time.perf_counter() - wall
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x_test), 500):
+            correct += int((model(normalise(x_test[i:i + 500])).argmax(1) == y_test[i:i + 500]).sum())
+    diverged = not math.isfinite(train_loss)
+    return {
+        "method": args.method, "rho": rho, **spec, "gamma_warmup": warmup, "seed": args.seed,
+        "n_train": len(x_train), "noise": args.noise, "aug": args.aug, "width": width, "epochs": args.epochs,
+        "batch": args.batch, "lr": args.lr, "wd": args.wd, "threads": args.threads,
+        "test_acc": None if diverged else 100.0 * correct / len(x_test), "n_test": len(x_test),
+        "train_loss": train_loss, "train_process_s": round(train_s, 2), "train_wall_s": round(wall_s, 2),
+        "steps": step, "torch": torch.__version__, "machine": platform.node(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=sorted(METHODS), default="sam")
+    p.add_argument("--sweep", help="comma-separated methods to run in sequence (overrides --method)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds for --sweep (default: --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rho", type=float, default=0.2)
+    p.add_argument("--beta", type=float)
+    p.add_argument("--gamma", type=float)
+    p.add_argument("--selection")
+    p.add_argument("--gamma_warmup", type=float)
+    p.add_argument("--n_train", type=int, default=1000, help="training images, 10 classes alike (<= 3000)")
+    p.add_argument("--noise", type=float, default=0.0, help="symmetric label noise on the training split")
+    p.add_argument("--aug", action="store_true", help="random crop (padding 4) and horizontal flip")
+    p.add_argument("--width", type=int, default=16, help="channels of the first stage (ResNet-18: 64)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="JSON-lines file each run appends to")
+    args = p.parse_args(argv)
+    if not 10 <= args.n_train <= 3000:
+        p.error(f"--n_train must be in [10, 3000] (the bundled subset has 300 images per class), got {args.n_train}")
+    if not 0 <= args.noise < 0.9:
+        p.error(f"--noise must be in [0, 0.9), got {args.noise}")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    methods = args.sweep.split(",") if args.sweep else [args.method]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for method in methods:
+            if method not in METHODS:
+                sys.exit(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+            args.method, args.seed = method, seed
+            result = run(args)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"{method:9s} seed {seed}: acc {result['test_acc']} loss {result['train_loss']:.3f} "
+                  f"{result['train_process_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    main()
