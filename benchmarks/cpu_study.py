@@ -136,6 +136,72 @@ def run(args) -> dict:
     }
 
 
+def settings_key(r: dict) -> tuple:
+    """Runs that differ only in their seed."""
+    return tuple((k, r[k]) for k in ("method", "rho", "beta", "gamma", "selection", "gamma_warmup", "n_train", "noise",
+                                      "aug", "width", "epochs", "batch", "lr", "wd"))
+
+
+def report(path: Path, plot: Path | None = None, min_seeds: int = 1) -> str:
+    """Markdown table (mean and std over seeds of test accuracy and training process time, throughput
+    relative to SAM of the same setting) and, with `plot`, accuracy against process time."""
+    import statistics
+
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(settings_key(r), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        if len(rs) < min_seeds:
+            continue
+        accs = [r["test_acc"] if r["test_acc"] is not None else float("nan") for r in rs]
+        secs = [r["train_process_s"] for r in rs]
+        rows.append((dict(key), accs, secs, sorted(r["seed"] for r in rs)))
+    # Cost does not depend on rho: every method is compared with SAM's median time on the same data and network.
+    method_fields = ("method", "rho", "beta", "gamma", "selection", "gamma_warmup")
+    sam_secs: dict[tuple, list[float]] = {}
+    for k, accs, secs, _ in rows:
+        if k["method"] == "sam":
+            sam_secs.setdefault(tuple((n, v) for n, v in k.items() if n not in method_fields), []).extend(secs)
+    sam_time = {key: statistics.median(v) for key, v in sam_secs.items()}
+    lines = ["| setting | method | beta | gamma | selection | seeds | top-1 % (mean ± std) | process s | vs SAM |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    points = []
+    for k, accs, secs, seeds in sorted(rows, key=lambda row: (str(row[0]["n_train"]), row[0]["rho"], row[0]["method"])):
+        base = tuple((n, v) for n, v in k.items() if n not in method_fields)
+        speed = sam_time.get(base, float("nan")) / statistics.median(secs)
+        std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        setting = (f"{k['n_train']} img, noise {k['noise']}, {'aug' if k['aug'] else 'no aug'}, width {k['width']}, "
+                   f"{k['epochs']} ep")
+        warm = f" + warm-up {k['gamma_warmup']}" if k["gamma_warmup"] else ""
+        lines.append(f"| {setting} | {k['method']}{warm} (rho {k['rho']}) | {k['beta']} | {k['gamma']} | {k['selection']} | "
+                     f"{','.join(map(str, seeds))} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                     f"{statistics.median(secs):.0f} | {speed:.2f}x |")
+        points.append((f"{k['method']}{warm} rho {k['rho']}", statistics.mean(accs), std, statistics.median(secs), setting))
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        settings = sorted({p[4] for p in points})
+        fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
+        for ax, setting in zip(axes[0], settings):
+            for name, acc, std, sec, s_ in points:
+                if s_ != setting:
+                    continue
+                ax.errorbar(sec, acc, yerr=0 if std != std else std, fmt="o", capsize=3)
+                ax.annotate(name, (sec, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.set_xlabel("training process time, s (1 thread)")
+            ax.set_ylabel("test top-1 % (mean ± std over seeds)")
+            ax.set_title(setting, fontsize=9)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+    return "\n".join(lines)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(METHODS), default="sam")
@@ -157,6 +223,9 @@ def parse(argv=None):
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="JSON-lines file each run appends to")
+    p.add_argument("--report", action="store_true", help="print the table of --out (and --plot) instead of training")
+    p.add_argument("--plot", type=Path, help="with --report: accuracy against process time, as a PNG")
+    p.add_argument("--min_seeds", type=int, default=1, help="with --report: leave out settings with fewer seeds")
     args = p.parse_args(argv)
     if not 10 <= args.n_train <= 3000:
         p.error(f"--n_train must be in [10, 3000] (the bundled subset has 300 images per class), got {args.n_train}")
@@ -167,6 +236,9 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.report:
+        print(report(args.out, args.plot, args.min_seeds))
+        return
     methods = args.sweep.split(",") if args.sweep else [args.method]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,11 @@ from .losses import per_example_loss
 
 __version__ = "0.1.0"
 
-_LAZY = {"ESAMTrainer": "trainer", "ESAMTrainingArguments": "trainer", "models": "models"}
+_LAZY = {"ESAMTrainer": "trainer", "ESAMTrainingArguments": "trainer", "ESAMSeq2SeqTrainer": "trainer",
+         "ESAMSeq2SeqTrainingArguments": "trainer", "models": "models"}
 
-__all__ = ["ESAM", "ESAMTrainer", "ESAMTrainingArguments", "models", "per_example_loss", "__version__"]
+__all__ = ["ESAM", "ESAMTrainer", "ESAMTrainingArguments", "ESAMSeq2SeqTrainer", "ESAMSeq2SeqTrainingArguments",
+           "models", "per_example_loss", "__version__"]
 
 
 def __getattr__(name):

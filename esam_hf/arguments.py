@@ -36,9 +36,10 @@ def make_parser(types: Iterable[type], *, prog: str, description: str | None = N
     return parser
 
 
-def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
+def parse_args(parser: HfArgumentParser, argv: list[str] | None = None, trains: bool | None = None) -> tuple:
     """The dataclasses of `parser` filled from `argv`; unknown flags and values a dataclass refuses exit
-    with the usage error (status 2) before any work."""
+    with the usage error (status 2) before any work, and so do training arguments that would train
+    nothing when the command trains (`trains`; default: unless it asked only to evaluate or predict)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
@@ -46,6 +47,17 @@ def parse_args(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple
         parser.error(str(e))
     if rest:
         parser.error(unknown_flags_message(parser, rest))
+    from transformers import TrainingArguments
+
+    from .trainer import check_training_args
+
+    for obj in parsed:
+        if isinstance(obj, TrainingArguments) and (trains if trains is not None else
+                                                   obj.do_train or not (obj.do_eval or obj.do_predict)):
+            try:
+                check_training_args(obj)
+            except ValueError as e:
+                parser.error(str(e))
     return tuple(parsed)
 
 

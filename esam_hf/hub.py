@@ -253,6 +253,8 @@ def resolve_card_dataset(dataset: str | None, dataset_name: str | None = None, e
     if _is_hub_id(path):
         return {"hub_id": path, "path": None, "name": name or path, "eval_split": eval_split}
     local = os.path.basename(os.path.normpath(path))
+    if name and ("/" in name or os.sep in name or os.path.exists(name)):  # a path, which a card must not publish
+        name = os.path.basename(os.path.normpath(name))
     return {"hub_id": None, "path": path, "name": name or (dataset if spec is not None else local), "eval_split": eval_split}
 
 
@@ -395,7 +397,7 @@ def render_model_card(
     if ds["hub_id"]:
         dataset_cell = f"[{ds['name']}](https://huggingface.co/datasets/{ds['hub_id']})"
     elif ds["path"]:
-        dataset_cell = f"`{ds['name']}` (local data: `{ds['path']}`, not on the Hub)"
+        dataset_cell = f"`{ds['name']}` (local data, not on the Hub)"
     else:
         dataset_cell = f"`{ds['name']}`" if ds["name"] else "unknown"
     evaluation, results_note, _ = _evaluation(eval_split, eval_samples, eval_split_size)
@@ -422,8 +424,12 @@ def render_model_card(
         initial_weights=initial, dataset=dataset_cell, num_classes=num_classes, evaluation=evaluation,
         recipe=recipe or "custom", method=f"**{method_label(esam)}.** {method_text(esam)}", esam_table=_esam_table(esam),
         training=_rows(training_summary(trainer)), results_note=results_note, metrics=_rows(metric_rows),
-        use_setup="import esam_hf.models  # registers esam_hf's CIFAR backbones with timm\n"
+        use_setup=("transformers and timm are all it needs: the backbone's code ships with the model "
+                   "(`modeling_esam_cifar.py` and the files it imports, named in `config.json`'s `auto_map`), hence "
+                   "`trust_remote_code=True`; read them before you trust them. With `esam_hf` installed, "
+                   "`import esam_hf.models` first and leave it out.\n\n")
         if _needs_esam_models(architecture) else "",
+        remote_code=", trust_remote_code=True" if _needs_esam_models(architecture) else "",
         model_id=trainer.args.hub_model_id or model_name, versions=_list_versions(framework_versions(timm=is_timm)),
     )
     return str(ModelCard(text))  # parses the metadata back: a malformed header fails here, not on the Hub

@@ -68,6 +68,29 @@ def model_head(model: torch.nn.Module) -> str | None:
     return head
 
 
+def infer_head(outputs: Any, inputs: Mapping) -> str | None:
+    """"classification" when the outputs and batch can only mean a single-label classifier (float `logits`
+    [B, C] and integer `labels` [B]); else None. A guess: the trainer confirms it on the first batch."""
+    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    labels = inputs.get("labels")
+    if (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor) and logits.dim() == 2
+            and logits.is_floating_point() and labels.dim() == 1 and not labels.is_floating_point()
+            and labels.shape[0] == logits.shape[0] and logits.shape[1] > 1):
+        return "classification"
+    return None
+
+
+def label_counts(head: str, inputs: Mapping) -> torch.Tensor | None:
+    """Labelled tokens per example [B] for token-level heads (what their per-example losses average over);
+    None for classification heads, where every example weighs the same."""
+    if head not in ("causal_lm", "seq2seq_lm", "masked_lm", "token_classification"):
+        return None
+    labels = inputs.get("shift_labels")
+    if labels is None:
+        labels = inputs["labels"][..., 1:] if head == "causal_lm" else inputs["labels"]
+    return (labels != -100).sum(dim=-1)
+
+
 def problem_type(config: Any, logits: torch.Tensor, labels: torch.Tensor) -> str:
     """`config.problem_type`, or what transformers' classification loss infers when it is unset."""
     declared = getattr(config, "problem_type", None)

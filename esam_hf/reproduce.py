@@ -128,7 +128,7 @@ def plan(argv: list[str] | None = None) -> tuple[ReproduceArguments, dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     recipe = make_parser([ReproduceArguments], prog=PROG, add_help=False).parse_known_args(argv)[0].recipe  # sets the defaults
     first = _parser(recipe, "esam", {}, None)
-    opts, *_, training = parse_args(first, argv)  # validates every option before any work
+    opts, *_, training = parse_args(first, argv, trains=True)  # validates every option before any work
     if "seed" in explicit_options(first, argv):
         first.error("--seed: reproduce trains every seed of --seeds (e.g. --seeds 0,1,2); drop --seed")
     root = training.output_dir

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, SELECTIONS, check_esam_args, scheduled_gamma
-from .losses import model_head, per_example_scores, unwrap_model
+from .losses import infer_head, label_counts, model_head, per_example_scores, unwrap_model
 
 ESAM_STATE_NAME = "esam_state.pt"
 # Warn when the SDS rows' top-class share exceeds the batch's by this much (a random half: ~0.05).
@@ -55,17 +55,31 @@ class ESAMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Only ESAM's own fields are checked here: an evaluation-only script must be able to build
+        # whatever TrainingArguments accepts (max_steps=0, ...); `ESAMTrainer.train()` refuses the rest.
         check_esam_args(**esam_config(self, prefix=False), prefix="esam_")
-        check_training_args(self)
         super().__post_init__()
 
 
+# transformers optimizers that update the weights inside the backward pass (per layer, as gradients
+# arrive): in ESAM's descent that is at w + e, and the restore to w then erases the update.
+IN_BACKWARD_OPTIMIZERS = ("layerwise", "lomo")
+
+
 def check_training_args(args: TrainingArguments) -> None:
-    """Refuse TrainingArguments that would train nothing or train to NaN without saying so."""
+    """Refuse TrainingArguments that would train nothing, train to NaN, or (at esam_rho > 0) have their
+    update undone, without saying so. Called by `ESAMTrainer.train()`."""
     for name in ("learning_rate", "weight_decay", "max_grad_norm"):
         value = getattr(args, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            raise ValueError(f"{name} must be a finite number >= 0 (0 turns clipping off for max_grad_norm), got {value!r}")
+    optim = str(getattr(args.optim, "value", args.optim))
+    if esam_config(args)["esam_rho"] > 0 and any(name in optim for name in IN_BACKWARD_OPTIMIZERS):
+        raise ValueError(
+            f"optim={optim!r} updates the weights inside the backward pass, which ESAM runs at the perturbed weights "
+            "w + e and then restores w, erasing the update: training would not move. Use an optimizer that steps "
+            "after the backward (e.g. adamw_torch, sgd, galore_adamw without _layerwise), or esam_rho=0."
+        )
     for name in ("gradient_accumulation_steps", "per_device_train_batch_size"):
         if not (isinstance(getattr(args, name), int) and getattr(args, name) >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {getattr(args, name)!r}")
@@ -112,9 +126,14 @@ class ESAMTrainer(Trainer):
                 "`torchrun`); DeepSpeed, FSDP and single-process DataParallel are not supported: ESAM "
                 "perturbs and restores whole parameters between two backward passes."
             )
+        if getattr(self.args, "predict_with_generate", False) and not isinstance(self, Seq2SeqTrainer):
+            raise ValueError(
+                "predict_with_generate=True needs generation at evaluation, which only Seq2SeqTrainer does: use "
+                "esam_hf.ESAMSeq2SeqTrainer with ESAMSeq2SeqTrainingArguments (ESAMTrainer would evaluate without "
+                "generating)."
+            )
         config = esam_config(self.args, prefix=False)
         check_esam_args(**config, prefix="esam_")
-        check_training_args(self.args)
         if config["rho"] > 0 and self.args.ddp_static_graph:
             raise ValueError(
                 "ddp_static_graph=True is not supported by ESAMTrainer at esam_rho > 0: the ascent pass runs "
@@ -129,7 +148,14 @@ class ESAMTrainer(Trainer):
             )
         self.per_example_loss_func = per_example_loss_func
         self.esam: ESAM | None = None
+        # Which pass `compute_loss` is running: "clean" (at w), "perturbed" (at w + e, no grad, SDS
+        # scores) or "descent" (at w + e, the trained gradient). An override with side effects (counting,
+        # logging metrics) should act only when it is "clean": it runs up to three times per step.
+        self.esam_pass: str | None = None
         self._head = model_head(self.model)  # the loss the model trains: how SDS scores its examples
+        self._head_inferred = False
+        self._scores_checked = False
+        self._warned_batch_of_one = False
         self._class_shares, self._class_share_steps, self._warned_concentration = None, 0, False
         self.nonfinite_guard = NonFiniteGradientGuard()
         self.add_callback(self.nonfinite_guard)
@@ -139,10 +165,11 @@ class ESAMTrainer(Trainer):
             c = esam_config(self.args, prefix=False)
             self.esam = ESAM(self.model, rho=c["rho"], beta=c["beta"], gamma=c["gamma"], adaptive=c["adaptive"],
                              bn_stats=c["bn_stats"], selection=c["selection"], seed=self.args.seed)
-            self._head = model_head(self.model)
+            self._head, self._head_inferred, self._scores_checked = model_head(self.model), False, False
         return self.esam
 
     def train(self, *args, **kwargs):
+        check_training_args(self.args)
         self.esam = None  # `model_init` may build a new model
         guard = self.nonfinite_guard
         guard.reset()
@@ -172,16 +199,26 @@ class ESAMTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        with_scores = esam.needs_scores()  # from step 0, so a model SDS cannot rank fails before any update
+        # Scores from step 0 (so a model SDS cannot rank fails before any update), and on the first step
+        # of any SDS run, random selection included: they show the loss is a mean over examples, which a
+        # descent on a subset of the batch needs to keep the objective.
+        with_scores = esam.needs_scores() or (esam.gamma < 1 and not self._scores_checked)
         # The Trainer's count of label tokens in this micro-batch, for normalising SDS subsets.
         count = self._label_count(inputs) if num_items_in_batch is not None else None
+        self._warn_batch_of_one(inputs)
+
+        passes = []
 
         def loss_fn(batch):
             items = num_items_in_batch
             if count is not None and batch is not inputs:  # an SDS subset: per label token, as a batch
                 items = num_items_in_batch * (self._label_count(batch).clamp_min(1) / count.clamp_min(1))
+            self.esam_pass = "clean" if not passes else "perturbed" if not torch.is_grad_enabled() else "descent"
+            passes.append(self.esam_pass)
             loss, outputs = self.training_loss(model, batch, items)
-            return loss, self.compute_per_example_loss(outputs, batch) if with_scores else None
+            # The descent's own scores would rank nothing: only the passes on the whole batch are scored.
+            scored = with_scores and self.esam_pass != "descent"
+            return loss, self.compute_per_example_loss(outputs, batch, items) if scored else None
 
         loss = esam.step(
             loss_fn, inputs,
@@ -191,6 +228,7 @@ class ESAMTrainer(Trainer):
             gamma=self.current_gamma(),
             groups=inputs.get("labels") if esam.selection == "balanced" else None,
         )
+        self.esam_pass = None
         if esam.last_selection is not None and self._head == "classification":
             self._record_class_shares(inputs.get("labels"), esam.last_selection)
         return loss
@@ -223,27 +261,85 @@ class ESAMTrainer(Trainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss, outputs
 
-    def compute_per_example_loss(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    def compute_per_example_loss(self, outputs: Any, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """Per-example losses [B] that SDS ranks (no gradient): `per_example_loss_func` if given, else
-        the loss of the model's head (`esam_hf.losses.per_example_scores`) with `label_smoothing_factor`."""
+        the loss of the model's head (`esam_hf.losses.per_example_scores`) with `label_smoothing_factor`.
+
+        A model that declares no head we know is scored as a single-label classifier when its outputs can
+        only mean that (float `logits` [B, C], integer `labels` [B]). On the first batch, the scores of any
+        head must reduce to the loss the model returned; if they do not, the guess is refused (a declared
+        head only warns: its loss may add auxiliary terms)."""
         if outputs is None:
             raise ValueError(
                 "compute_loss returned no outputs with return_outputs=True, so SDS cannot rank the examples: "
                 "return (loss, outputs) from your compute_loss, pass per_example_loss_func=, or train with "
-                "esam_selection='random' or esam_gamma=1."
+                "esam_gamma=1."
             )
         with torch.no_grad():
-            if self.per_example_loss_func is not None:
+            if self.per_example_loss_func is not None:  # the user's word that a subset keeps the objective
                 return self.per_example_loss_func(outputs, inputs.get("labels")).detach()
             if self._head is None:
-                raise ValueError(
-                    f"ESAMTrainer cannot tell which loss {type(unwrap_model(self.model)).__name__} trains (no "
-                    "transformers loss_type or config.problem_type), so SDS cannot rank its examples. Pass "
-                    "per_example_loss_func=(outputs, labels) -> Tensor[B] to ESAMTrainer, or train with "
-                    "esam_selection='random' or esam_gamma=1."
-                )
+                self._head = infer_head(outputs, inputs)
+                self._head_inferred = True
+                if self._head is None:
+                    raise ValueError(self._unknown_loss_message())
             config = getattr(unwrap_model(self.model), "config", None)
-            return per_example_scores(self._head, outputs, inputs, config, self.args.label_smoothing_factor)
+            scores = per_example_scores(self._head, outputs, inputs, config, self.args.label_smoothing_factor)
+            if not self._scores_checked:
+                self._check_scores(scores, outputs, inputs, num_items_in_batch)
+                self._scores_checked = True
+            return scores
+
+    def _unknown_loss_message(self, detail: str = "") -> str:
+        name = type(unwrap_model(self.model)).__name__
+        return (
+            f"ESAMTrainer cannot tell which loss {name} trains{detail}, so SDS (esam_gamma < 1) cannot be "
+            "shown to keep the objective: SDS descends on a subset of each batch, which is the same objective "
+            "only when the loss is a mean of per-example losses (not for contrastive or in-batch-negative "
+            "losses). esam_gamma=1 keeps the objective for any loss. If your loss is a mean over examples, pass "
+            "per_example_loss_func=(outputs, labels) -> Tensor[B] to ESAMTrainer (SDS then ranks by it)."
+        )
+
+    def _check_scores(self, scores, outputs, inputs, num_items_in_batch) -> None:
+        """First batch: do the per-example losses reduce to the loss the model returned? (One host read.)"""
+        loss = outputs.get("loss") if isinstance(outputs, dict) or hasattr(outputs, "get") else None
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            if self._head_inferred and self.label_smoother is None:
+                raise ValueError(self._unknown_loss_message(" (its outputs hold no loss to check a guess against)"))
+            return  # the Trainer computes the loss itself (label smoothing) from the same logits
+        weights = label_counts(self._head, inputs)
+        if weights is None:
+            expected = scores.float().mean()
+        else:
+            total = num_items_in_batch if num_items_in_batch is not None else weights.sum()
+            expected = (scores.float() * weights).sum() / torch.as_tensor(total, device=scores.device).clamp_min(1)
+        got = loss.detach().float().reshape(())
+        if bool(torch.isclose(expected, got, rtol=1e-3, atol=1e-5)):
+            return
+        problem = (f" (the mean of its per-example {self._head} losses is {float(expected):.6g}, but it returned "
+                   f"loss {float(got):.6g})")
+        if self._head_inferred:
+            raise ValueError(self._unknown_loss_message(problem))
+        logger.warning(f"SDS ranks {type(unwrap_model(self.model)).__name__}'s examples by their {self._head} losses, "
+                       f"which do not reduce to the loss it returned{problem}: the model's loss adds other terms. "
+                       "Ranking still uses the main loss; pass per_example_loss_func= to rank by something else.")
+
+    def _warn_batch_of_one(self, inputs) -> None:
+        if self._warned_batch_of_one or self.esam.gamma >= 1:
+            return
+        from .esam import batch_size_of
+
+        try:
+            size = batch_size_of(inputs)
+        except ValueError:
+            return
+        if size == 1:
+            self._warned_batch_of_one = True
+            logger.warning(
+                "SDS is off: at per_device_train_batch_size 1 it keeps k = ceil(esam_gamma * 1) = 1 example, the "
+                "whole batch. SDS selects within each micro-batch (gradient accumulation does not pool them), so "
+                "use a per-device batch of at least 2 for SDS to save anything; SWP still applies."
+            )
 
     def _label_count(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Label tokens in `inputs`, counted as the Trainer counts `num_items_in_batch`."""
@@ -343,6 +439,16 @@ class ESAMTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         with _naming_damaged_checkpoint(resume_from_checkpoint, "model weights"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+@dataclass
+class ESAMSeq2SeqTrainingArguments(ESAMTrainingArguments, Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` (`predict_with_generate`, `generation_max_length`, ...) plus ESAM's."""
+
+
+class ESAMSeq2SeqTrainer(ESAMTrainer, Seq2SeqTrainer):
+    """`Seq2SeqTrainer` (generation at evaluation and prediction) whose training step is ESAM's:
+    a drop-in for `Seq2SeqTrainer` exactly as `ESAMTrainer` is for `Trainer`."""
 
 
 @contextlib.contextmanager

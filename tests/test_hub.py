@@ -73,7 +73,7 @@ def test_image_card_metadata_model_index_and_body(image_run):
     for needle in ["ESAM, rho = 0.1, beta = 0.5, gamma = 0.5, gamma warm-up 30%", "| 0.1 | 0.5 | 0.5 | False | clean | sharpness | 0.3 (linear) |",
                    "`cifar_resnet18` (timm)", "**40 of the 10000 images** of the `test` split: a subset",
                    "bf16 mixed precision (autocast, fp32 weights)", "tiny-recipe", "| optimizer |",
-                   "import esam_hf.models", 'pipeline("image-classification", model="cifar-esam")', "du2022efficient"]:
+                   'pipeline("image-classification", model="cifar-esam", trust_remote_code=True)', "du2022efficient"]:
         assert needle in text, needle
     for name in ("PyTorch", "Transformers", "timm", "Datasets"):
         assert f"- {name} " in text, name
@@ -85,7 +85,10 @@ def test_image_card_metadata_model_index_and_body(image_run):
     assert card.data.datasets is None and card.data.base_model is None and card.data.license == "apache-2.0"
     assert {r.dataset_name for r in card.data.eval_results} == {"cifar10-subset"}
     assert all("subset" not in (r.metric_name or "") for r in card.data.eval_results)
-    assert "cifar10_subset" in card.text and "(local data:" in card.text and "a subset" not in card.text
+    assert "`cifar10-subset` (local data, not on the Hub)" in card.text and "a subset" not in card.text
+    from esam_hf.data import CIFAR10_SUBSET_DIR
+
+    assert str(CIFAR10_SUBSET_DIR) not in card.text and "/cifar10_subset" not in str(card.data)
 
 
 def test_image_processor_reloads_as_the_eval_transform(image_run, tmp_path):
@@ -214,3 +217,33 @@ def test_hub_does_not_import_the_trainer():
     top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not any(getattr(n, "module", None) in ("trainer", "esam_hf.trainer") for n in top_level)
     assert "trainer import" not in inspect.getsource(hub)
+
+
+def test_a_saved_cifar_model_loads_with_transformers_and_timm_alone(tmp_path):
+    """A fresh process in which `esam_hf` cannot be imported loads the folder (the Hub way: its code
+    travels with it, `trust_remote_code=True`), and its pipeline scores a real photo as the in-memory model."""
+    import subprocess
+    import sys
+
+    from esam_hf.models import create_model, create_image_processor
+
+    model = create_model("cifar_resnet18", ["cat", "dog", "ship"], channels=[8, 16, 32, 64]).eval()
+    model.save_pretrained(tmp_path / "m")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    image.save(tmp_path / "x.png")
+    pixels = create_image_processor(model)(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = torch.softmax(model(pixels).logits, -1)[0]
+    script = f"""
+import json, sys
+sys.modules["esam_hf"] = None  # not installed, as far as this process can tell
+from transformers import pipeline
+scores = pipeline("image-classification", model={str(tmp_path / "m")!r}, trust_remote_code=True)({str(tmp_path / "x.png")!r})
+print(json.dumps({{s["label"]: s["score"] for s in scores}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    for i, name in enumerate(["cat", "dog", "ship"]):
+        assert scores[name] == pytest.approx(float(expected[i]), abs=1e-5)

@@ -129,7 +129,7 @@ def test_per_example_loss_func_hook_is_used(tmp_path):
 
     args = make_args(tmp_path, max_steps=1, esam_gamma=0.5)
     train(SeqESAMTrainer, TinyConvNet(), args, make_data(16), per_example_loss_func=focal_like)
-    assert calls == [16, 16, 8]
+    assert calls == [16, 16]  # the clean and perturbed passes; the descent subset ranks nothing
 
 
 def test_model_without_logits_gets_a_clear_error(tmp_path):
@@ -343,9 +343,30 @@ def test_sds_class_concentration_is_logged_and_warned_about(tmp_path):
     ({"max_steps": -1, "num_train_epochs": 0}, "num_train_epochs must be a finite number > 0"),
     ({"max_steps": -1, "num_train_epochs": -2}, "num_train_epochs must be a finite number > 0"),
 ])
-def test_arguments_that_would_train_nothing_or_nan_are_refused(tmp_path, overrides, match):
+def test_arguments_that_would_train_nothing_or_nan_are_refused_by_train(tmp_path, overrides, match):
+    args = make_args(tmp_path, **overrides)  # builds, as TrainingArguments does (evaluation-only scripts)
+    model = TinyConvNet()
+    before = params_of(model)
+    trainer = SeqESAMTrainer(model=model, args=args, train_dataset=make_data(16), eval_dataset=make_data(16))
     with pytest.raises(ValueError, match=match):
-        make_args(tmp_path, **overrides)
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in params_of(model).items())
+
+
+def test_an_evaluation_only_script_builds_and_evaluates(tmp_path):
+    args = make_args(tmp_path, max_steps=0, max_grad_norm=None)
+    trainer = ESAMTrainer(model=TinyConvNet(), args=args, eval_dataset=make_data(16))
+    reference = Trainer(model=TinyConvNet(), args=TrainingArguments(str(tmp_path), max_steps=0, use_cpu=True,
+                                                                    report_to="none"), eval_dataset=make_data(16))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(reference.evaluate()["eval_loss"])
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo", "galore_adamw_layerwise", "apollo_adamw_layerwise"])
+def test_optimizers_that_step_inside_the_backward_are_refused(tmp_path, optim):
+    args = make_args(tmp_path, optim=optim)
+    trainer = SeqESAMTrainer(model=TinyConvNet(), args=args, train_dataset=make_data(16))
+    with pytest.raises(ValueError, match=f"optim='{optim}' updates the weights inside the backward pass"):
+        trainer.train()
 
 
 class NaNAtPerturbedWeights(TinyConvNet):
@@ -467,3 +488,101 @@ def test_the_host_read_counter_sees_a_per_step_sync(tmp_path, monkeypatch):
         counts[steps] = reads.count
         monkeypatch.undo()
     assert counts[8] - counts[3] >= 5, counts
+
+
+# --------------------------------------------------------------------------- #
+# Drop-in: models the Trainer trains, trained the same way under the defaults
+# --------------------------------------------------------------------------- #
+class PlainNet(torch.nn.Module):
+    """The commonest custom model: no config, no loss_type; forward(pixel_values, labels) -> {logits, loss}."""
+
+    def __init__(self, loss="mean"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, 4)
+        self.loss = loss
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.head(self.body(pixel_values))
+        out = {"logits": logits}
+        if labels is not None:
+            if self.loss == "mean":
+                out["loss"] = F.cross_entropy(logits, labels)
+            else:  # a loss that is not a mean over examples: each example against the whole batch
+                sim = logits @ logits.T
+                out["loss"] = 0.5 * (F.cross_entropy(sim, torch.arange(len(sim))) + F.cross_entropy(sim.T, torch.arange(len(sim))))
+        return out
+
+
+def test_a_custom_module_trains_under_the_defaults_as_a_hand_written_esam_step(tmp_path):
+    from esam_hf import ESAM
+
+    data = make_data(32)
+    model = PlainNet()
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=2, esam_rho=0.1), data)
+    assert trainer._head == "classification" and trainer._head_inferred
+    # Independent reference: the core with a hand-written per-example cross-entropy, same seed and batches.
+    ref = PlainNet()
+    opt = sgd(ref)
+    esam = ESAM(ref, rho=0.1, beta=0.6, gamma=0.5, seed=0)
+
+    def loss_fn(b):
+        losses = F.cross_entropy(ref(b[0])["logits"], b[1], reduction="none")
+        return losses.mean(), losses.detach()
+
+    for x, y in list(batches(data, 16))[:2]:
+        esam.step(loss_fn, (x, y))
+        opt.step()
+        opt.zero_grad()
+    assert_same_params(model, ref)
+
+
+def test_a_guessed_head_whose_scores_do_not_reduce_to_the_models_loss_is_refused(tmp_path):
+    model = PlainNet(loss="contrastive")
+    before = params_of(model)
+    with pytest.raises(ValueError, match=r"cannot tell which loss PlainNet trains \(the mean of its per-example "
+                                         r"classification losses is .* but it returned loss .*esam_gamma=1 keeps"):
+        train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=1), make_data(16))
+    assert all(torch.equal(v, before[k]) for k, v in params_of(model).items())
+    # Random selection needs no scores to rank, but the subset still changes such a loss: refused too.
+    with pytest.raises(ValueError, match="esam_gamma=1 keeps the objective"):
+        train(SeqESAMTrainer, PlainNet(loss="contrastive"), make_args(tmp_path, max_steps=1, esam_selection="random"),
+              make_data(16))
+    # gamma = 1 keeps any objective: it trains.
+    train(SeqESAMTrainer, PlainNet(loss="contrastive"), make_args(tmp_path, max_steps=1, esam_gamma=1.0), make_data(16))
+
+
+def test_frozen_integer_and_float8_weights_do_not_break_the_end_of_training(tmp_path):
+    class Quantised(TinyConvNet):
+        def __init__(self):
+            super().__init__()
+            self.packed = torch.nn.Parameter(torch.randint(0, 255, (8,), dtype=torch.uint8), requires_grad=False)
+            self.scales = torch.nn.Parameter(torch.ones(4).to(torch.float8_e4m3fn), requires_grad=False)
+
+    model = Quantised()
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=2), make_data(32))
+    assert trainer.state.global_step == 2 and model.packed.dtype == torch.uint8
+
+
+def test_batch_size_one_warns_that_sds_is_off(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="esam_hf.trainer"):
+        train(SeqESAMTrainer, TinyConvNet(), make_args(tmp_path, max_steps=3, per_device_train_batch_size=1), make_data(4))
+    assert sum("SDS is off: at per_device_train_batch_size 1" in r.message for r in caplog.records) == 1
+
+
+def test_compute_loss_overrides_see_which_pass_runs(tmp_path):
+    seen = []
+
+    class Counting(SeqESAMTrainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            seen.append(self.esam_pass)
+            return super().compute_loss(model, inputs, **kwargs)
+
+    train(Counting, TinyConvNet(), make_args(tmp_path, max_steps=2), make_data(32))
+    assert seen == ["clean", "perturbed", "descent"] * 2
+    seen.clear()
+    train(Counting, TinyConvNet(), make_args(tmp_path, max_steps=1, esam_selection="random"), make_data(32))
+    assert seen == ["clean", "descent"]

@@ -345,3 +345,53 @@ def test_sds_descends_on_the_k_examples_whose_loss_rises_most(tmp_path, name):
     expected = set(sharpness.topk(k).indices.tolist())
     chosen = {next(i for i in range(8) if torch.equal(batch[family.key][i], row)) for row in seen[2]}
     assert chosen == expected
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config)
+
+
+def _seq2seq_data(n=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(2, 40, (n, 6), generator=g)
+    return [{"input_ids": x[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": x[i, :4].flip(0)}
+            for i in range(n)]
+
+
+def test_esam_seq2seq_trainer_is_seq2seq_trainer_at_rho_0_and_generates_at_evaluation(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from esam_hf import ESAMSeq2SeqTrainer, ESAMSeq2SeqTrainingArguments, ESAMTrainer
+
+    common = dict(per_device_train_batch_size=8, max_steps=2, learning_rate=0.01, report_to="none", use_cpu=True,
+                  save_strategy="no", seed=0, predict_with_generate=True, generation_max_length=5,
+                  per_device_eval_batch_size=8, disable_tqdm=True)
+    ours, theirs = _tiny_t5(), _tiny_t5()
+    data = _seq2seq_data()
+    seen = {}
+
+    def metrics(pred):
+        seen["shape"] = tuple(pred.predictions.shape)
+        return {"n": float(pred.predictions.shape[0])}
+
+    trainer = ESAMSeq2SeqTrainer(model=ours, args=ESAMSeq2SeqTrainingArguments(str(tmp_path / "a"), esam_rho=0.0, **common),
+                                 train_dataset=data, eval_dataset=data, compute_metrics=metrics)
+    trainer.train()
+    Seq2SeqTrainer(model=theirs, args=Seq2SeqTrainingArguments(str(tmp_path / "b"), **common), train_dataset=data).train()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    trainer.evaluate()
+    assert seen["shape"][0] == 16 and len(seen["shape"]) == 2  # generated token ids [N, T], not logits [N, T, V]
+    # With ESAM on (SAM here), it trains.
+    sam = ESAMSeq2SeqTrainer(model=_tiny_t5(), args=ESAMSeq2SeqTrainingArguments(
+        str(tmp_path / "c"), esam_beta=1.0, esam_gamma=1.0, **common), train_dataset=data)
+    sam.train()
+    assert not torch.equal(sam.model.lm_head.weight, _tiny_t5().lm_head.weight)
+    # predict_with_generate through the plain ESAMTrainer would silently not generate: refused.
+    with pytest.raises(ValueError, match="use esam_hf.ESAMSeq2SeqTrainer"):
+        ESAMTrainer(model=_tiny_t5(), args=ESAMSeq2SeqTrainingArguments(str(tmp_path / "d"), **common))

@@ -12,7 +12,9 @@ The config carries everything needed to rebuild and preprocess offline: ``archit
 size, mean/std, crop_pct, interpolation, ...). ``model.save_pretrained(dir)`` alone is enough for
 ``AutoModelForImageClassification``, ``AutoImageProcessor`` and ``pipeline(...)`` to load ``dir``
 (``TimmWrapperImageProcessor`` reads ``config.json``; its own ``save_pretrained`` writes nothing).
-A saved CIFAR model needs ``esam_hf.models`` imported before loading, so timm knows its name.
+A saved CIFAR model carries its own code (``modeling_esam_cifar.py`` and the backbone files,
+named in ``config.json``'s ``auto_map``): it loads anywhere with ``trust_remote_code=True``, or
+without it after ``import esam_hf.models``.
 """
 
 import contextlib
@@ -137,7 +139,12 @@ def _export_pretrained_cfg(timm_model: torch.nn.Module, num_classes: int) -> Dic
 
 def _empty_wrapper(config: TimmWrapperConfig) -> TimmWrapperForImageClassification:
     """The HF wrapper built on the meta device: nothing is allocated and transformers skips its
-    weight init, as in ``from_pretrained``; the caller then sets the real ``timm_model``."""
+    weight init, as in ``from_pretrained``; the caller then sets the real ``timm_model``. A CIFAR
+    backbone gets the subclass whose ``save_pretrained`` saves its code with it (remote code)."""
+    from .modeling_esam_cifar import CifarTimmWrapperForImageClassification
+
+    cls = (CifarTimmWrapperForImageClassification if config.architecture.split(".")[0] in CIFAR_MODELS
+           else TimmWrapperForImageClassification)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.device("meta"))
         try:  # transformers' guard for models that call linspace(...).item() in __init__
@@ -146,4 +153,4 @@ def _empty_wrapper(config: TimmWrapperConfig) -> TimmWrapperForImageClassificati
             stack.enter_context(meta_device_safe_creation_ops())
         except ImportError:
             pass
-        return TimmWrapperForImageClassification(config)
+        return cls(config)
