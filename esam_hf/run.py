@@ -78,6 +78,9 @@ class DataArguments:
     train_split: str | None = field(default=None, metadata={"help": "Training split (default: train)."})
     eval_split: str | None = field(default=None, metadata={
         "help": "Evaluation split (default: test, else validation); 'none' turns evaluation off."})
+    train_val_split: float = field(default=0.15, metadata={
+        "help": "When the dataset has no evaluation split: the share of the training split held out (stratified, "
+                "seeded by --seed) to evaluate on, as in the transformers examples; 0 = no evaluation."})
     check_images: bool = field(default=False, metadata={
         "help": "Decode every training image before the first step, so a bad one is an error naming its split "
                 "and row, not a crash mid-epoch (CIFAR-size data is always decoded up front)."})
@@ -109,7 +112,8 @@ def build_model_and_data(model_args: ModelArguments, data_args: DataArguments, s
     from .models import create_model
 
     spec = resolve_dataset(data_args.dataset, data_args.image_column, data_args.label_column,
-                           train_split=data_args.train_split, eval_split=data_args.eval_split)
+                           train_split=data_args.train_split, eval_split=data_args.eval_split,
+                           train_val_split=data_args.train_val_split)
     # The model needs the class names and the pipeline needs the model's data config; this first,
     # validating read is answered from the datasets cache when build_datasets loads the splits again.
     class_names = load_splits(spec, max_train_samples=1, max_eval_samples=1, seed=seed)[2]
@@ -519,7 +523,7 @@ def card_kwargs(spec, data, model, model_args: ModelArguments, data_args: DataAr
     if model_args.pretrained:
         cfg = getattr(getattr(model, "timm_model", model), "pretrained_cfg", None) or {}
         finetuned_from = cfg.get("hf_hub_id") or model_args.model_name
-    return {"dataset": spec.path, "dataset_name": data_args.dataset, "eval_split": spec.eval_split,
+    return {"dataset": spec.path, "dataset_name": data_args.dataset, "eval_split": spec.eval_name,
             "eval_samples": len(data.eval_dataset) if data.eval_dataset is not None else None,
             "eval_split_size": data.eval_split_size, "recipe": recipe, "finetuned_from": finetuned_from,
             "model_name": os.path.basename(os.path.normpath(output_dir))}
@@ -539,14 +543,44 @@ def _finish(trainer, record: dict, metrics: dict, status: str) -> None:
 TRAIN_DEFAULTS = {"remove_unused_columns": False, "report_to": "none"}
 
 
-def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG):
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of `--name X` or `--name=X` in argv (the last one), or None."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(f"--{name}="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def default_recipe_for(argv: list[str], fallback: str) -> str:
+    """The recipe whose dataset and model the command line names (`--dataset cifar100 --model_name
+    cifar_wrn28_10` -> cifar100-wrn28-10), else `fallback`'s with the named dataset, else `fallback`."""
+    dataset, model = _option(argv, "dataset"), _option(argv, "model_name")
+    base = RECIPES[fallback]
+    for name, r in RECIPES.items():
+        if r.dataset == (dataset or base.dataset) and r.model == (model or base.model):
+            return name
+    return fallback
+
+
+def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG,
+          default_recipe: str | None = None):
     """`(recipe_args, run_args, model_args, data_args, training_args)` from the command line: a recipe's
-    defaults (and `defaults`) under the flags given; an `--optimizer` that contradicts a flag is refused."""
+    defaults (and `defaults`) under the flags given; an `--optimizer` that contradicts a flag is refused.
+    Without `--recipe`, `default_recipe` (if given; see `default_recipe_for`) supplies the defaults, and
+    the command says so: an example script must not train at the Trainer's learning rate by accident."""
     from .trainer import ESAMTrainingArguments
 
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = make_parser([RecipeArguments], prog=prog, add_help=False)
     recipe = pre.parse_known_args(argv)[0]  # the recipe decides the other options' defaults
+    if recipe.recipe is None and default_recipe is not None:
+        recipe.recipe = default_recipe_for(argv, default_recipe)
+        argv = ["--recipe", recipe.recipe, *argv]
+        print(f"{prog}: no --recipe given: using the {recipe.recipe!r} recipe's settings for every option you did "
+              "not set (`esam-hf recipes` lists them).", file=sys.stderr)
     defaults = {**TRAIN_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(), **(defaults or {}),
                 **recipe_defaults(recipe.recipe, recipe.optimizer)}
     recipes = "; ".join(f"{name} ({r.model} on {r.dataset}, {r.epochs} epochs)" for name, r in RECIPES.items())
@@ -568,15 +602,20 @@ def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
     return parsed
 
 
-def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG) -> dict[str, Any]:
-    """Parse the options (over `defaults`), train, print the results."""
-    recipe_args, run_args, model_args, data_args, training_args = parse(argv, defaults, prog)
+def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG,
+         default_recipe: str | None = None) -> dict[str, Any]:
+    """Parse the options (over `defaults`, or `default_recipe`'s without `--recipe`), train, print the results."""
+    recipe_args, run_args, model_args, data_args, training_args = parse(argv, defaults, prog, default_recipe)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size == 1:
         usage_error(prog,
             f"started as {launched} processes (accelerate launch / torchrun), but there is no GPU here, so each process "
             f"would train its own model into one folder. Add --use_cpu for real {launched}-process DDP on CPU "
             "(gloo), or launch a single process.")
+    if training_args.push_to_hub:  # hours of training must not end in a failed upload
+        problem = hub_problem()
+        if problem:
+            usage_error(prog, f"--push_to_hub: {problem}. Train without --push_to_hub and push the saved folder later.")
     # "last" (TrainingArguments' own option): the newest complete checkpoint in output_dir.
     resume = True if training_args.resume_from_checkpoint == "last" else training_args.resume_from_checkpoint
     claim = None
@@ -607,6 +646,19 @@ def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, 
         print(results_table({label: metrics}))
         print(f"\nSaved to {training_args.output_dir}: model, preprocessing config and model card (README.md)")
     return metrics
+
+
+def hub_problem() -> str | None:
+    """Why a push to the Hub would fail (offline mode, no network, no token), or None."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1), so nothing can be uploaded"
+    try:
+        HfApi().whoami()
+    except Exception as e:  # no token, a bad token, or no network: each its own exception type
+        return f"the Hub cannot be reached with your credentials ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return None
 
 
 def results_table(runs: dict[str, dict]) -> str:

@@ -50,3 +50,20 @@ def test_bench_times_interleaved_repeats_and_writes_its_tables(tmp_path):
     assert ratio["min"] <= ratio["median"] <= ratio["max"]
     assert "esam/sgd" in result["cpu_time_ratios"]
     assert "| esam" not in (tmp_path / "throughput.md").read_text().split("\n")[0]
+
+
+def test_example_scripts_default_to_a_recipe_and_say_so(capsys):
+    from esam_hf.run import parse
+
+    recipe, _, model, data, training = parse(["--output_dir", "x"], prog="train_cifar.py",
+                                             default_recipe="cifar10-resnet18")
+    assert "no --recipe given: using the 'cifar10-resnet18' recipe" in capsys.readouterr().err
+    assert (recipe.recipe, training.learning_rate, training.optim, training.num_train_epochs) == (
+        "cifar10-resnet18", 0.05, "sgd", 200)
+    assert (training.per_device_train_batch_size, training.esam_rho, training.lr_scheduler_type) == (128, 0.05, "cosine")
+    recipe, *_, training = parse(["--output_dir", "x", "--dataset", "cifar100", "--model_name", "cifar_wrn28_10",
+                                  "--learning_rate", "0.1"], prog="train_cifar.py", default_recipe="cifar10-resnet18")
+    assert recipe.recipe == "cifar100-wrn28-10" and training.esam_rho == 0.1 and training.learning_rate == 0.1
+    with pytest.raises(SystemExit):
+        parse(["--output_dir", "x", "--learning_ratee", "1"], prog="train_cifar.py", default_recipe="cifar10-resnet18")
+    assert "train_cifar.py: error:" in capsys.readouterr().err

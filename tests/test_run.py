@@ -173,3 +173,36 @@ def test_split_flags_and_image_checks_reach_the_data(tmp_path):
     with pytest.raises(Exception, match=r"(?s)split 'train'.*row 5: UnidentifiedImageError"):
         cli_main([*argv, "--eval_split", "none", "--check_images"])
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_train_only_dataset_holds_out_a_stratified_validation_share(tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    from esam_hf.data.images import ROW_COLUMN
+    from esam_hf.data.specs import load_splits, resolve_dataset
+
+    def png(i):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 6 % 256, 0, 0)).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    labels = [0] * 20 + [1] * 20  # sorted by class, as many files are
+    datasets.Dataset.from_dict({"image": [png(i) for i in range(40)], "label": labels},
+                               features=features).to_parquet(str(tmp_path / "only.parquet"))
+    spec = resolve_dataset(str(tmp_path / "only.parquet"), train_val_split=0.15)
+    train, held, _ = load_splits(spec, seed=3)
+    train_rows, held_rows = set(train[ROW_COLUMN]), set(held[ROW_COLUMN])
+    assert len(held_rows) == 6 and not train_rows & held_rows and train_rows | held_rows == set(range(40))
+    assert sorted(held["label"]) == [0, 0, 0, 1, 1, 1]  # stratified
+    assert set(load_splits(spec, seed=3)[1][ROW_COLUMN]) == held_rows  # seeded
+    out = tmp_path / "run"
+    cli_main(["train", "--output_dir", str(out), *TINY, "--dataset", str(tmp_path / "only.parquet"), "--max_steps", "1",
+              "--save_strategy", "no"])
+    results = json.loads((out / "all_results.json").read_text())
+    assert "eval_accuracy" in results and json.loads((out / "esam_run.json").read_text())["eval_samples"] == 6
+    card = (out / "README.md").read_text()
+    assert "validation (15% of train, held out)" in card and "No evaluation was run" not in card

@@ -171,3 +171,14 @@ def test_a_full_disk_while_saving_a_checkpoint_says_so_and_names_the_folder(tmp_
         _train(out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
     assert ESAMTrainer  # the Trainer layer translates the error
     assert _record(out)["status"] == "failed"
+
+
+def test_push_to_hub_offline_fails_up_front_naming_the_flag(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        _train(out, "--max_steps", "1", "--push_to_hub", "--hub_model_id", "me/model")
+    assert exit_.value.code == 2
+    assert "--push_to_hub: offline mode is on" in capsys.readouterr().err and not out.exists()

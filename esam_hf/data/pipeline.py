@@ -14,7 +14,7 @@ import torch
 
 from .cifar import CifarAugment, CifarTensorDataset, cifar_data_config, cifar_tensors
 from .images import check_images
-from .specs import DatasetSpec, load_dataset_dict, load_splits
+from .specs import DatasetSpec, holdout_size, load_dataset_dict, load_splits
 from .transforms import collate_images, image_transform, timm_data_config, with_image_transform
 
 
@@ -81,7 +81,7 @@ def build_datasets(
             return CifarTensorDataset(images, labels, augment)
     else:
         config = timm_data_config(data_config)
-        checked = [(train_ds, spec.train_split, check_train_images), (eval_ds, spec.eval_split, check_eval_images)]
+        checked = [(train_ds, spec.train_split, check_train_images), (eval_ds, spec.eval_name, check_eval_images)]
         for ds, split, check in checked:
             if ds is not None and check:
                 check_images(ds, spec.image_column, split, num_workers=check_workers,
@@ -93,7 +93,7 @@ def build_datasets(
 
     return DataBundle(
         train_dataset=wrap(train_ds, True, spec.train_split) if train_ds is not None else None,
-        eval_dataset=wrap(eval_ds, False, spec.eval_split) if eval_ds is not None else None,
+        eval_dataset=wrap(eval_ds, False, spec.eval_name) if eval_ds is not None else None,
         collator=collate_images,
         class_names=class_names,
         data_config=config,
@@ -104,6 +104,8 @@ def build_datasets(
 def _split_size(spec: DatasetSpec, subset, max_samples: int | None) -> int | None:
     if subset is None or max_samples is None:  # the whole split, or none
         return len(subset) if subset is not None else None
+    if spec.eval_split is None:  # held out of the training split
+        return holdout_size(load_dataset_dict(spec.path)[spec.train_split].num_rows, spec.train_val_split)
     return load_dataset_dict(spec.path)[spec.eval_split].num_rows  # answered from the datasets cache
 
 

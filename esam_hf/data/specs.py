@@ -38,6 +38,15 @@ class DatasetSpec:
     eval_split: str | None = "test"
     kind: str = "imagenet"
     class_names: tuple[str, ...] | None = None
+    # With no evaluation split found: the share of the training split held out (seeded, stratified) to evaluate on.
+    train_val_split: float = 0.0
+
+    @property
+    def eval_name(self) -> str | None:
+        """The evaluated split as a card and a log should name it."""
+        if self.eval_split is None and self.train_val_split:
+            return f"validation ({self.train_val_split:.0%} of {self.train_split}, held out)"
+        return self.eval_split
 
 
 BUILTIN_DATASETS = {
@@ -58,6 +67,7 @@ def resolve_dataset(
     train_split: str | None = None,
     eval_split: str | None = None,
     class_names: list[str] | None = None,
+    train_val_split: float = 0.0,
 ) -> DatasetSpec:
     """Turn an alias (`cifar10`, `cifar100`, `imagenet`, `cifar10-subset`), a Hub id, a local directory or a
     single `.parquet`/`.arrow` file (one split, `train`) into a spec.
@@ -65,8 +75,12 @@ def resolve_dataset(
     Built-ins are resolved without touching the data. Anything else is loaded once to find its columns
     (the first `Image` and the first `ClassLabel` feature unless given), its splits (`train`, then the
     first labelled one of `validation`/`test` for evaluation) and its kind (32x32 images mean "cifar").
-    `eval_split=None` keeps that default; `eval_split="none"` turns evaluation off.
+    `eval_split=None` keeps that default; `eval_split="none"` turns evaluation off. A dataset with no
+    evaluation split found holds out `train_val_split` of its training split instead (as the transformers
+    examples do; 0 = no evaluation), and says so.
     """
+    if not (isinstance(train_val_split, (int, float)) and 0 <= train_val_split < 1):
+        raise DataError(f"train_val_split must be in [0, 1) (a share of the training split; 0 = none), got {train_val_split!r}")
     overrides = dict(
         image_column=image_column, label_column=label_column, kind=kind,
         train_split=train_split, eval_split=eval_split,
@@ -81,7 +95,16 @@ def resolve_dataset(
     spec = dataclasses.replace(spec, **overrides) if spec is not None else _inspect(name_or_path, **overrides)
     if spec.eval_split is not None and spec.eval_split.lower() == NO_EVAL:
         spec = dataclasses.replace(spec, eval_split=None)
+    elif spec.eval_split is None and train_val_split:
+        spec = dataclasses.replace(spec, train_val_split=float(train_val_split))
+        logger.warning("%s has no evaluation split: holding out %.0f%% of %r (stratified, seeded) to evaluate on "
+                       "(--train_val_split; 0 turns it off).", name_or_path, 100 * train_val_split, spec.train_split)
     return spec
+
+
+def holdout_size(n: int, share: float) -> int:
+    """Rows held out of a training split of `n` rows for validation."""
+    return min(n - 1, max(1, round(share * n)))
 
 
 def _inspect(path, image_column=None, label_column=None, kind=None, train_split=None, eval_split=None, class_names=None):
@@ -178,6 +201,11 @@ def load_splits(
         split = number_rows(split)  # before subsampling, which `select`s
         if _is_text(raw_labels[role]):
             split = _with_class_ids(split, spec.label_column, labels[role], class_names)
+        if role == "train" and "eval" not in named and spec.train_val_split:
+            held = np.sort(stratified_indices(labels[role], holdout_size(len(split), spec.train_val_split), seed))
+            kept = np.setdiff1d(np.arange(len(split)), held)
+            out["eval"] = _subsample(split.select(held), labels[role][held], sizes["eval"], seed)
+            split, labels[role] = split.select(kept), labels[role][kept]
         out[role] = _subsample(split, labels[role], sizes[role], seed)
     return out["train"], out.get("eval"), class_names
 
