@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import datasets
@@ -329,8 +330,23 @@ def _class_names(train, labels, spec):
             "class ids, class-name strings or a ClassLabel feature. Check label_column."
         )
     names = [str(i) for i in range(int(values.max()) + 1 if len(values) else 0)]
-    logger.info("label column %r of %r is not a ClassLabel: %d classes named '0'..'%d' after its largest label; "
-                "pass class_names= to name them.", spec.label_column, spec.path, len(names), len(names) - 1)
+    used = np.unique(values)
+    empty = len(names) - len(used)
+    if len(names) > max(2 * len(used), len(used) + 10):
+        raise DataError(
+            f"label column {spec.label_column!r} of {spec.path!r} holds plain integers, and its largest label "
+            f"{len(names) - 1} would make a {len(names)}-class model for {len(used)} distinct labels "
+            f"({listed([str(v) for v in used[:20]])}): a typo or an outlier, not classes. Fix the labels, or give "
+            "them a ClassLabel feature (or class_names=) that lists the classes."
+        )
+    # Visible without logging set up: the classes a model gets are not to be guessed silently.
+    message = (f"label column {spec.label_column!r} of {spec.path!r} is not a ClassLabel: {len(names)} classes named "
+               f"'0'..'{len(names) - 1}' after its largest label")
+    if empty:
+        missing = np.setdiff1d(np.arange(len(names)), used)
+        message += f", {empty} of them with no example ({listed([str(v) for v in missing[:20]])})"
+    print(f"esam_hf: {message}; pass class_names= or give the column a ClassLabel feature to name them.", file=sys.stderr)
+    logger.warning(message)
     return names
 
 

@@ -181,10 +181,9 @@ def test_integer_labels_get_derived_class_names(make_dataset, caplog):
         tr, te, names = load_splits(spec)
     assert names == ["0", "1", "2", "3"]  # 0..max over both splits
     assert tr["label"][:] == [0, 1, 2, 0, 1, 2] and te["label"][:] == [0, 3, 1]
-    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert any("not a ClassLabel: 4 classes named '0'..'3'" in m for m in infos)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "'test' has 1 class(es) absent from training split 'train': '3'" in warnings[0]
+    assert len(warnings) == 2 and "not a ClassLabel: 4 classes named '0'..'3'" in warnings[0]
+    assert "'test' has 1 class(es) absent from training split 'train': '3'" in warnings[1]
     # An explicit override still wins.
     assert load_splits(resolve_dataset(str(root), label_column="label", class_names=list("abcd")))[2] == list("abcd")
 
@@ -342,3 +341,15 @@ def test_damaged_cifar_cache_is_deleted_and_rebuilt(cifar_train_small, tmp_path,
 def test_non_positive_sample_limits_name_the_option(option, value):
     with pytest.raises(DataError, match=rf"{option} must be a positive number of images .* got {value}"):
         load_splits(resolve_dataset("cifar10-subset"), **{option: value})
+
+
+def test_integer_labels_with_an_outlier_or_a_gap_are_refused_or_announced(make_dataset, capsys):
+    images = [png(i) for i in range(6)]
+    root = make_dataset({"train": {"image": images, "label": [0, 1, 2, 0, 1, 50000]}}, features=_plain_features("int64"))
+    with pytest.raises(DataError, match=r"largest label 50000 would make a 50001-class model for 4 distinct labels"):
+        load_splits(resolve_dataset(str(root), label_column="label", eval_split="none"))
+    root = make_dataset({"train": {"image": images, "label": [1, 2, 3, 1, 2, 3]}}, features=_plain_features("int64"),
+                        name="gap")
+    names = load_splits(resolve_dataset(str(root), label_column="label", eval_split="none"))[2]
+    assert names == ["0", "1", "2", "3"]
+    assert "4 classes named '0'..'3' after its largest label, 1 of them with no example (0)" in capsys.readouterr().err
