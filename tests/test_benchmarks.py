@@ -1,0 +1,29 @@
+"""The prepared GPU command runs end to end on CPU at tiny sizes, so lent GPU minutes are not spent on typos."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "BUDGET": "400", "RUNS": str(tmp_path / "runs")}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    for part in ("bench", "profile", "reproduce"):
+        assert f"[gpu_check] {part}: exit 0" in summary, summary
+    assert json.loads((out / "env.json").read_text())["dry_run"] is True
+    assert "| sgd | 1 |" in summary and "esam_random-seed0: finished" in summary
+    assert json.loads((out / "profile.json").read_text())
+    assert (out / "runs" / "sgd-seed0" / "esam_run.json").is_file()
+
+
+def test_gpu_check_refuses_a_missing_data_directory(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "nope")],
+                          env={**os.environ, "OUT": str(tmp_path / "out")}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "give the CIFAR-10 data directory" in done.stderr
