@@ -36,13 +36,18 @@ class Recipe:
     gamma: float
     note: str = ""
     model_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model
+    # ESAM's rho when it differs from SAM's: SWP scales the perturbation of the kept tensors by 1/beta,
+    # so rho * beta gives ESAM about SAM's perturbation size (None: the paper's choice, SAM's rho).
+    esam_rho: float | None = None
+    options: dict = field(default_factory=dict)  # further option defaults (data, schedule, selection)
 
     def esam_args(self, optimizer: str = "esam") -> dict:
         """ESAMTrainingArguments fields for `optimizer`: the same recipe as plain SGD
         (rho = 0), SAM (beta = gamma = 1) or ESAM."""
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        return {"esam_rho": self.rho, "esam_beta": self.beta, "esam_gamma": self.gamma, **OPTIMIZER_ESAM_ARGS[optimizer]}
+        rho = self.esam_rho if optimizer == "esam" and self.esam_rho is not None else self.rho
+        return {"esam_rho": rho, "esam_beta": self.beta, "esam_gamma": self.gamma, **OPTIMIZER_ESAM_ARGS[optimizer]}
 
     def training_args(self, optimizer: str = "esam", world_size: int = 1) -> dict:
         """TrainingArguments fields: SGD momentum 0.9 (set by the caller), cosine schedule, no warm-up."""
@@ -78,6 +83,16 @@ RECIPES.update({
     "demo": Recipe("cifar10-subset", "cifar_resnet18", 10, 64, 0.05, 5e-4, 0.05, 0.6, 0.5,
                    "CPU demo: a quarter-width ResNet-18 on the CIFAR-10 subset shipped in the package.",
                    model_kwargs={"channels": [16, 32, 64, 128]}),
+    # Not from the paper: a CPU benchmark where sharpness-awareness pays (benchmarks/cpu_study.py, NOTES.md):
+    # 1,000 images (100 per class), no augmentation, 40 epochs; SAM at rho 0.2, ESAM at rho 0.12 = 0.2 x beta.
+    "cpu-study": Recipe("cifar10-subset", "cifar_resnet18", 40, 64, 0.05, 5e-4, 0.2, 0.6, 0.5,
+                        "CPU benchmark: a quarter-width ResNet-18 on 1,000 bundled CIFAR-10 images without "
+                        "augmentation, where SAM beats SGD beyond seed noise (about 25 minutes for SGD, SAM and "
+                        "ESAM x 3 seeds on 2 cores).",
+                        model_kwargs={"channels": [16, 32, 64, 128]}, esam_rho=0.12,
+                        options={"max_train_samples": 1000, "random_crop": False, "horizontal_flip": False,
+                                 "cutout": False, "warmup_fraction": 0.25, "optim_args": "nesterov=true",
+                                 "esam_selection": "random"}),
 })
 
 
@@ -122,7 +137,22 @@ def recipe_defaults(name: str | None, optimizer: str | None) -> dict[str, Any]:
         "logging_steps": 50,
         "per_device_eval_batch_size": 256,
         **recipe.training_args(optimizer, world_size),
+        **{k: v for k, v in recipe.options.items()
+           if (optimizer == "esam" or not k.startswith("esam_")) and k != "warmup_fraction"},
+        **(warmup_fraction(recipe.options["warmup_fraction"]) if "warmup_fraction" in recipe.options else {}),
     }
+
+
+def warmup_fraction(fraction: float) -> dict[str, float]:
+    """The TrainingArguments field that warms up over `fraction` of training in this transformers:
+    releases from 5.2x read a float `warmup_steps` < 1 as a fraction and dropped `warmup_ratio`;
+    earlier releases have `warmup_ratio`."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"warmup_ratio": fraction} if "warmup_ratio" in fields else {"warmup_steps": fraction}
 
 
 def optimizer_conflicts(optimizer: str | None, values: dict[str, Any], explicit: set[str]) -> list[str]:

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import explicit_options, make_parser, parse_args, usage_error
-from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults
+from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, warmup_fraction
 from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, read_record, run_settings, settings_differences,
                   train_image_classifier, write_json)
 
@@ -95,23 +95,15 @@ def run_dir(output_dir: str, method: str, seed: int) -> str:
     return os.path.join(output_dir, f"{method}-seed{seed}")
 
 
-def _warmup_fraction(fraction: float) -> dict:
-    # transformers >= 5.2x reads a float warmup_steps < 1 as a fraction and dropped warmup_ratio;
-    # earlier releases have warmup_ratio.
-    from .trainer import ESAMTrainingArguments
-
-    fields = {f.name for f in dataclasses.fields(ESAMTrainingArguments)}
-    return {"warmup_ratio": fraction} if "warmup_ratio" in fields else {"warmup_steps": fraction}
-
-
 def _parser(recipe: str, optimizer: str, extra: dict, batch_size: int | None):
     from .trainer import ESAMTrainingArguments
 
     batch, lr, warmup = batch_schedule(recipe, batch_size)
+    warmup = max(warmup, get_recipe(recipe).options.get("warmup_fraction", 0.0))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     defaults = {**TRAIN_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(),
                 **recipe_defaults(recipe, optimizer), **extra, "output_dir": os.path.join("outputs", f"reproduce-{recipe}"),
-                "per_device_train_batch_size": max(1, batch // world_size), "learning_rate": lr, **_warmup_fraction(warmup)}
+                "per_device_train_batch_size": max(1, batch // world_size), "learning_rate": lr, **warmup_fraction(warmup)}
     return make_parser(
         [ReproduceArguments, ModelArguments, DataArguments, ESAMTrainingArguments], prog=PROG, defaults=defaults,
         first_group=("ESAM (sharpness-aware minimization)", "esam_"),
