@@ -127,7 +127,7 @@ def test_per_example_loss_func_hook_is_used(tmp_path):
         calls.append(labels.shape[0])
         return 2.0 * F.cross_entropy(outputs.logits, labels, reduction="none")
 
-    args = make_args(tmp_path, max_steps=1, esam_gamma=0.5)
+    args = make_args(tmp_path, max_steps=1, esam_gamma=0.5, esam_selection="sharpness")
     train(SeqESAMTrainer, TinyConvNet(), args, make_data(16), per_example_loss_func=focal_like)
     assert calls == [16, 16]  # the clean and perturbed passes; the descent subset ranks nothing
 
@@ -315,7 +315,8 @@ def test_sds_class_concentration_is_logged_and_warned_about(tmp_path):
 
     model, forwards = TinyConvNet(), []
     model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["labels"].tolist()), with_kwargs=True)
-    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=2, logging_steps=1), make_data(32))
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=2, logging_steps=1, esam_selection="sharpness"),
+                    make_data(32))
     logs = [h for h in trainer.state.log_history if "loss" in h]
     for step, log in enumerate(logs):
         batch, _, descent = forwards[3 * step: 3 * step + 3]  # clean, selection, descent passes
@@ -325,9 +326,14 @@ def test_sds_class_concentration_is_logged_and_warned_about(tmp_path):
     trainer._class_shares, trainer._class_share_steps, trainer._warned_concentration = None, 0, False
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
     trainer._record_class_shares(labels, torch.tensor([0, 1, 2, 3]))  # 3 of 4 kept rows are class 0
-    with CaptureLogger(trainer_module.logger) as captured:
-        shares = trainer._pop_class_shares()
+    trainer._first_loss = 1.10
+    with CaptureLogger(trainer_module.logger) as captured:  # concentrated, but the loss is falling: healthy
+        shares = trainer._pop_class_shares(loss=0.70)
     assert shares == {"esam/sds_top_class_share": 0.75, "esam/batch_top_class_share": 0.375}
+    assert captured.out == ""
+    trainer._record_class_shares(labels, torch.tensor([0, 1, 2, 3]))
+    with CaptureLogger(trainer_module.logger) as captured:  # concentrated on a plateau: the stall it predicts
+        trainer._pop_class_shares(loss=1.08)
     assert "SDS is descending on one class at a time" in captured.out
 
 
@@ -520,7 +526,8 @@ def test_a_custom_module_trains_under_the_defaults_as_a_hand_written_esam_step(t
 
     data = make_data(32)
     model = PlainNet()
-    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=2, esam_rho=0.1), data)
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=2, esam_rho=0.1, esam_selection="sharpness"),
+                    data)
     assert trainer._head == "classification" and trainer._head_inferred
     # Independent reference: the core with a hand-written per-example cross-entropy, same seed and batches.
     ref = PlainNet()
@@ -581,7 +588,7 @@ def test_compute_loss_overrides_see_which_pass_runs(tmp_path):
             seen.append(self.esam_pass)
             return super().compute_loss(model, inputs, **kwargs)
 
-    train(Counting, TinyConvNet(), make_args(tmp_path, max_steps=2), make_data(32))
+    train(Counting, TinyConvNet(), make_args(tmp_path, max_steps=2, esam_selection="sharpness"), make_data(32))
     assert seen == ["clean", "perturbed", "descent"] * 2
     seen.clear()
     train(Counting, TinyConvNet(), make_args(tmp_path, max_steps=1, esam_selection="random"), make_data(32))

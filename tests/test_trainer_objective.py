@@ -322,7 +322,7 @@ def test_sds_descends_on_the_k_examples_whose_loss_rises_most(tmp_path, name):
             return super()._get_esam()
 
     model, trainer = run_trainer(family, tmp_path, trainer_cls=Spy, steps=1, esam_rho=rho, esam_beta=1.0,
-                                 esam_gamma=0.5)
+                                 esam_gamma=0.5, esam_selection="sharpness")
     assert [s.shape[0] for s in seen] == [8, 8, k]  # ascent, selection, descent
 
     # Independent reference: e from the gradient of the Trainer's loss on the whole batch, then each
