@@ -9,6 +9,8 @@ excluded).
 
     python benchmarks/cpu_study.py --method sam --rho 0.2 --seed 0 --out benchmarks/results/cpu_study.jsonl
     python benchmarks/cpu_study.py --sweep "sgd,sam,esam" --seeds 0,1,2 --rho 0.2 --out ...   # in sequence
+    python benchmarks/cpu_study.py --check --out /tmp/check.jsonl    # regression check, ~5 minutes on 2 cores
+    python benchmarks/cpu_study.py --report --out benchmarks/results/cpu_study.jsonl --plot study.png
 
 The methods (beta, gamma, selection; rho from --rho, 0 for sgd):
 """
@@ -202,6 +204,42 @@ def report(path: Path, plot: Path | None = None, min_seeds: int = 1) -> str:
     return "\n".join(lines)
 
 
+# The regression check: the benchmark's setting, one seed, SGD and SAM (rho 0.2) against the recommended
+# mode (ESAMTrainer's defaults: random selection, beta 0.6, gamma 0.5, at rho 0.2 x beta = 0.12).
+CHECK = (("sgd", 0.0), ("sam", 0.2), ("random", 0.12))
+CHECK_MARGIN = 2.0  # points: SAM must beat SGD by this; the recommended mode may trail SAM by at most 1.5x it
+
+
+def _check_one(spec):
+    method, rho, base = spec
+    args = argparse.Namespace(**{**vars(base), "method": method, "rho": rho})
+    return run(args)
+
+
+def check(args) -> bool:
+    """Run CHECK in two processes (SAM alone, the others together); print the accuracies and whether
+    the ordering SAM > SGD + CHECK_MARGIN and recommended >= SAM - 1.5 CHECK_MARGIN holds."""
+    import multiprocessing
+
+    base = argparse.Namespace(**{**vars(args), "beta": None, "gamma": None, "selection": None, "gamma_warmup": None})
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_check_one, [(m, rho, base) for m, rho in (CHECK[1], CHECK[0], CHECK[2])], chunksize=1)
+    with open(args.out, "a") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    acc = {r["method"]: r["test_acc"] or 0.0 for r in results}
+    secs = {r["method"]: r["train_process_s"] for r in results}
+    for r in results:
+        print(f"{r['method']:7s} rho {r['rho']:<5} top-1 {r['test_acc']}%  {r['train_process_s']:.0f} s")
+    sam_beats_sgd = acc["sam"] > acc["sgd"] + CHECK_MARGIN
+    mode_keeps_up = acc["random"] >= acc["sam"] - 1.5 * CHECK_MARGIN
+    print(f"SAM > SGD + {CHECK_MARGIN}: {'yes' if sam_beats_sgd else 'NO'}; recommended mode >= SAM - "
+          f"{1.5 * CHECK_MARGIN}: {'yes' if mode_keeps_up else 'NO'}; recommended mode throughput "
+          f"{secs['sam'] / secs['random']:.2f}x SAM (process time)")
+    print("ordering holds" if sam_beats_sgd and mode_keeps_up else "ORDERING BROKEN")
+    return sam_beats_sgd and mode_keeps_up
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(METHODS), default="sam")
@@ -224,6 +262,8 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="JSON-lines file each run appends to")
     p.add_argument("--report", action="store_true", help="print the table of --out (and --plot) instead of training")
+    p.add_argument("--check", action="store_true", help="regression check: SGD, SAM and the recommended mode, seed 0, "
+                   "in two processes; prints whether the ordering holds (exit status 1 if not)")
     p.add_argument("--plot", type=Path, help="with --report: accuracy against process time, as a PNG")
     p.add_argument("--min_seeds", type=int, default=1, help="with --report: leave out settings with fewer seeds")
     args = p.parse_args(argv)
@@ -239,6 +279,9 @@ def main(argv=None):
     if args.report:
         print(report(args.out, args.plot, args.min_seeds))
         return
+    if args.check:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        sys.exit(0 if check(args) else 1)
     methods = args.sweep.split(",") if args.sweep else [args.method]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     args.out.parent.mkdir(parents=True, exist_ok=True)

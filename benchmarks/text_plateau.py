@@ -31,14 +31,15 @@ VARIANTS = {
     "SAM": {"esam_beta": 1.0, "esam_gamma": 1.0},
     "SWP only (gamma 1)": {"esam_gamma": 1.0},
     "ESAM defaults": {},
-    "SDS only (beta 1)": {"esam_beta": 1.0},
+    "paper ESAM (sharpness selection)": {"esam_selection": "sharpness"},
+    "SDS only (beta 1)": {"esam_beta": 1.0, "esam_selection": "sharpness"},
     "random half": {"esam_beta": 1.0, "esam_selection": "random"},
     "random half rho 1e-9": {"esam_rho": 1e-9, "esam_beta": 1.0, "esam_selection": "random"},
-    "SDS only lr 1e-2": {"esam_beta": 1.0, "learning_rate": 1e-2},
+    "SDS only lr 1e-2": {"esam_beta": 1.0, "learning_rate": 1e-2, "esam_selection": "sharpness"},
     "random half beta 0.6": {"esam_selection": "random"},
     "SDS by loss (beta 1)": {"esam_beta": 1.0, "esam_selection": "loss"},
-    "SDS only rho 0.005": {"esam_beta": 1.0, "esam_rho": 0.005},
-    "ESAM gamma warm-up 30%": {"esam_gamma_warmup": 0.3},
+    "SDS only rho 0.005": {"esam_beta": 1.0, "esam_rho": 0.005, "esam_selection": "sharpness"},
+    "ESAM gamma warm-up 30%": {"esam_gamma_warmup": 0.3, "esam_selection": "sharpness"},
 }
 
 

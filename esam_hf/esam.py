@@ -68,41 +68,47 @@ def check_esam_args(rho: float, beta: float, gamma: float, bn_stats: str = "clea
         raise ValueError(f"{prefix}selection must be one of {SELECTIONS}, got {selection!r}")
 
 
-def index_batch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
-    """Rows `index` of a batch: every tensor whose first dimension is the batch, and every list or
-    tuple of `batch_size` per-example items, inside mappings, sequences, namedtuples and dataclasses.
+def index_batch(batch: Any, index: torch.Tensor, batch_size: int, _path: str = "batch", _top: bool = True) -> Any:
+    """Rows `index` of a batch of `batch_size` examples, decided by one rule, not by shape coincidences:
 
-    Lists of items are selected on the host, so they cost one device synchronisation (`index.tolist()`);
-    batches of tensors never do."""
+    - the batch itself, and every mapping, dataclass or namedtuple in it, is a container of parts;
+      so is a top-level list or tuple holding tensors or containers (a collated `(inputs, targets, ...)`),
+      while a top-level list of plain items (strings, ...) has one per example;
+    - a tensor whose first dimension is `batch_size` is per-example: its rows are selected; any other
+      tensor (class weights, a temperature, a scalar) is shared and passed unchanged;
+    - a nested list or tuple of `batch_size` items is one item per example (e.g. per-image box tensors),
+      selected on the host (one device synchronisation, `index.tolist()`); one of any other length is
+      a container of parts. Ambiguous: a nested sequence of `batch_size` tensors that each have
+      `batch_size` rows (items, or per-example parts?): a ValueError names it.
+    """
+    def recurse(value, where):
+        return index_batch(value, index, batch_size, where, _top=False)
+
     if isinstance(batch, torch.Tensor):
         return batch.index_select(0, index) if batch.dim() > 0 and batch.shape[0] == batch_size else batch
     if isinstance(batch, Mapping):
-        items = {key: index_batch(value, index, batch_size) for key, value in batch.items()}
+        items = {key: recurse(value, f"{_path}[{key!r}]") for key, value in batch.items()}
         try:
             return type(batch)(items)
         except TypeError:  # a mapping type that cannot be built from a dict
             return items
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(batch, **{f.name: index_batch(getattr(batch, f.name), index, batch_size)
+        return dataclasses.replace(batch, **{f.name: recurse(getattr(batch, f.name), f"{_path}.{f.name}")
                                              for f in dataclasses.fields(batch) if f.init})
     if isinstance(batch, (list, tuple)):
-        if _is_structure(batch, batch_size):  # e.g. (inputs, targets): select inside each element
-            items = [index_batch(value, index, batch_size) for value in batch]
-        elif len(batch) == batch_size:  # one item per example
+        parts = any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) or dataclasses.is_dataclass(v) for v in batch)
+        if (_top and parts) or hasattr(batch, "_fields") or len(batch) != batch_size:  # a container of parts
+            items = [recurse(value, f"{_path}[{i}]") for i, value in enumerate(batch)]
+        else:  # one item per example
+            if all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size for v in batch):
+                raise ValueError(
+                    f"SDS cannot tell how to select examples from {_path}: a {type(batch).__name__} of {batch_size} "
+                    f"tensors with {batch_size} rows each, at batch size {batch_size}: one item per example, or "
+                    "per-example parts? Stack per-example parts into one tensor, or use esam_gamma=1."
+                )
             items = [batch[i] for i in index.tolist()]
-        else:
-            return batch
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
-
-
-def _is_structure(seq: list | tuple, batch_size: int) -> bool:
-    """A sequence of batched parts (tensors of `batch_size` rows, or containers), not of examples."""
-    tensors = [v for v in seq if isinstance(v, torch.Tensor)]
-    containers = [v for v in seq if isinstance(v, (Mapping, list, tuple)) or dataclasses.is_dataclass(v)]
-    if not tensors:
-        return bool(containers) and len(seq) != batch_size
-    return all(t.dim() > 0 and t.shape[0] == batch_size for t in tensors)
 
 
 def batch_size_of(batch: Any) -> int:

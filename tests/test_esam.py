@@ -545,3 +545,41 @@ def test_balanced_selection_needs_groups_and_says_so():
     esam.step(loss_fn_for(model), (x, y), groups=y)
     kept, total = torch.bincount(y[esam.last_selection], minlength=4), torch.bincount(y, minlength=4)
     assert int(kept.sum()) == 8 and all(abs(int(a) - int(n) / 2) <= 1 for a, n in zip(kept, total))
+
+
+@pytest.mark.parametrize("shared", ["class_weights", "temperature"])
+def test_sds_selects_per_example_parts_and_passes_shared_tensors_unchanged(shared):
+    x, y = batch(n=12)
+    extra = torch.tensor([1.0, 2.0, 3.0]) if shared == "class_weights" else torch.tensor(0.5)
+    model = TinyConvNet()
+    seen = []
+
+    def loss_fn(b):
+        bx, by, bextra = b
+        seen.append((bx, by, bextra))
+        losses = F.cross_entropy(model(bx).logits, by, reduction="none")
+        return losses.mean(), losses.detach()
+
+    esam = ESAM(model, rho=0.5, beta=1.0, gamma=0.5)
+    esam.step(loss_fn, (x, y, extra))
+    sx, sy, sextra = seen[-1]
+    rows = esam.last_selection.tolist()
+    assert len(sx) == 6 and torch.equal(sx, x[rows]) and torch.equal(sy, y[rows]) and sextra is extra
+
+
+def test_sds_picks_per_example_items_and_refuses_an_ambiguous_part():
+    from esam_hf.esam import index_batch
+
+    x = torch.arange(6.0).view(3, 2)
+    boxes = [torch.zeros(1, 4), torch.ones(5, 4), torch.full((2, 4), 2.0)]  # per image, varying counts
+    picked = index_batch({"pixel_values": x, "boxes": boxes}, torch.tensor([2, 0]), 3)
+    assert torch.equal(picked["pixel_values"], x[[2, 0]]) and [b.shape[0] for b in picked["boxes"]] == [2, 1]
+    # A (dict, list) batch at B = 2 keeps its inputs.
+    inputs, targets = {"pixel_values": x[:2]}, [torch.zeros(3), torch.ones(1)]
+    sub = index_batch((inputs, targets), torch.tensor([1]), 2)
+    assert torch.equal(sub[0]["pixel_values"], x[1:2]) and len(sub[1]) == 1 and torch.equal(sub[1][0], torch.ones(1))
+    # Two boxes per image at batch size 2: items or rows? Refused, naming the part.
+    with pytest.raises(ValueError, match=r"batch\['boxes'\]: a list of 2 tensors with 2 rows each"):
+        index_batch({"pixel_values": x[:2], "boxes": [torch.zeros(2, 4), torch.ones(2, 4)]}, torch.tensor([1]), 2)
+    # A top-level list of plain per-example items.
+    assert index_batch(["a", "b", "c"], torch.tensor([2, 1]), 3) == ["c", "b"]
