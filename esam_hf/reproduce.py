@@ -33,9 +33,9 @@ from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, read_record, ru
 METHODS = {
     "sgd": ("sgd", {}),
     "sam": ("sam", {}),
-    "esam": ("esam", {}),
-    "esam_warmup": ("esam", {"esam_gamma_warmup": 0.3}),
-    "esam_random": ("esam", {"esam_selection": "random"}),
+    "esam": ("esam", {"esam_selection": "sharpness"}),  # the paper's ESAM
+    "esam_warmup": ("esam", {"esam_selection": "sharpness", "esam_gamma_warmup": 0.3}),
+    "esam_random": ("esam", {"esam_selection": "random"}),  # ESAMTrainer's default mode
 }
 # Fields that make a method what it is: re-imposed over the command line, so `--esam_rho 0.1`
 # changes SAM and ESAM but leaves SGD plain SGD (and `--esam_gamma 0.3` leaves SAM SAM).

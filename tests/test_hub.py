@@ -42,7 +42,8 @@ def image_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("image") / "cifar-esam"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-        args = _args(out, esam_rho=0.1, esam_beta=0.5, esam_gamma=0.5, esam_gamma_warmup=0.3, remove_unused_columns=False)
+        args = _args(out, esam_rho=0.1, esam_beta=0.5, esam_gamma=0.5, esam_gamma_warmup=0.3, esam_selection="sharpness",
+                     remove_unused_columns=False)
         _, model, data = build_model_and_data(ModelArguments("cifar_resnet18", model_kwargs='{"channels": [8, 16, 32, 64]}'),
                                               DataArguments("cifar10-subset", max_train_samples=64, max_eval_samples=40))
         trainer = ESAMTrainer(model=model, args=args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
@@ -158,7 +159,7 @@ def test_text_classification_card_is_the_trainers_plus_esam(tmp_path):
     config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                         max_position_embeddings=16, num_labels=3)
     data = _token_data(32, 40, 8, labels=3)
-    trainer = ESAMTrainer(model=BertForSequenceClassification(config), args=_args(tmp_path / "bert", esam_selection="loss"),
+    trainer = ESAMTrainer(model=BertForSequenceClassification(config), args=_args(tmp_path / "bert", esam_selection="loss", esam_rho=0.05),
                           train_dataset=data, eval_dataset=data[:16], compute_metrics=_accuracy)
     trainer.train()
     trainer.evaluate()

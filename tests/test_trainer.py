@@ -213,11 +213,14 @@ def test_arguments_parse_save_and_validate(tmp_path):
         ESAMTrainingArguments(output_dir=str(tmp_path), esam_selection="hardest")
 
 
-def test_plain_training_arguments_get_paper_defaults(tmp_path):
+def test_plain_training_arguments_get_esam_training_arguments_defaults(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = ESAMTrainer(model=TinyConvNet(), args=args, train_dataset=make_data(16))
     esam = trainer._get_esam()
-    assert (esam.rho, esam.beta, esam.gamma, esam.adaptive, esam.bn_stats) == (0.05, 0.6, 0.5, False, "clean")
+    assert (esam.rho, esam.beta, esam.gamma, esam.adaptive, esam.bn_stats, esam.selection) == (
+        0.03, 0.6, 0.5, False, "clean", "random")
+    ours = ESAMTrainingArguments(output_dir=str(tmp_path))
+    assert (ours.esam_rho, ours.esam_beta, ours.esam_gamma, ours.esam_selection) == (0.03, 0.6, 0.5, "random")
 
 
 @pytest.mark.parametrize("flag", ["deepspeed", "fsdp", "data_parallel"])
