@@ -188,6 +188,13 @@ class ESAM:
         self.rho, self.beta, self.gamma, self.adaptive, self.bn_stats, self.eps = rho, beta, gamma, adaptive, bn_stats, eps
         self.selection = selection
         self._all_params = list(model.parameters())
+        if any(type(p).__name__ == "DTensor" for p in self._all_params):
+            # Under FSDP2 (fully_shard) torch.autograd.grad returns no gradient for sharded parameters on
+            # more than one rank: the step would silently be plain training.
+            raise NotImplementedError(
+                "ESAM does not support sharded (DTensor) parameters, e.g. FSDP2's fully_shard: the ascent gradient "
+                "would not reach them and every step would silently be plain training. Use DDP, or one device."
+            )
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # CPU generator: drawing the SWP mask never waits for the device, and the same
         # seed gives the same mask on every rank.
@@ -195,6 +202,7 @@ class ESAM:
         self._stats: torch.Tensor | None = None  # device sums: ascent norm, objective rise, skipped
         self._steps = 0
         self._kept_fraction = 0.0
+        self._no_gradient_steps = 0
         self.last_selection: torch.Tensor | None = None  # rows SDS kept in the last step (None: all)
 
     @property
@@ -261,8 +269,10 @@ class ESAM:
         loss = loss.detach()
         kept, grads = [p for p, g in zip(kept, grads) if g is not None], [g for g in grads if g is not None]
         if kept:
+            self._no_gradient_steps = 0
             backup, norm, finite = self._perturb(kept, grads)
         else:  # every kept tensor went unused by this forward: nothing to perturb
+            self._check_gradient_reaches()
             backup, norm, finite = None, loss.new_zeros(()), loss.new_ones((), dtype=torch.bool)
         del grads
         try:
@@ -289,6 +299,18 @@ class ESAM:
         self._record(norm if scale is None else norm / scale, finite, rise, len(kept) / len(params))
         self.last_selection = index
         return loss
+
+    def _check_gradient_reaches(self) -> None:
+        """No ascent gradient reached any kept tensor. An SWP draw of only unused tensors (an unused branch)
+        can do that now and then; with every trainable tensor kept, or three steps in a row, it is a
+        mistake that would make ESAM plain training without a word."""
+        self._no_gradient_steps += 1
+        if self.beta == 1 or self._no_gradient_steps >= 3:
+            raise RuntimeError(
+                "ESAM's ascent produced no gradient for any perturbed tensor: the loss does not depend on the "
+                "trainable parameters of the model given to ESAM. Pass the model that computes the loss (not a copy "
+                "or a wrapper's inner module built separately)."
+            )
 
     def _selection_score(self, clean, perturbed, batch_size):
         for name, scores in (("at w", clean), ("at w + e", perturbed)):

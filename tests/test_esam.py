@@ -583,3 +583,25 @@ def test_sds_picks_per_example_items_and_refuses_an_ambiguous_part():
         index_batch({"pixel_values": x[:2], "boxes": [torch.zeros(2, 4), torch.ones(2, 4)]}, torch.tensor([1]), 2)
     # A top-level list of plain per-example items.
     assert index_batch(["a", "b", "c"], torch.tensor([2, 1]), 3) == ["c", "b"]
+
+
+def test_an_ascent_that_reaches_no_perturbed_tensor_is_an_error_not_a_plain_step():
+    model, other = TinyConvNet(), TinyConvNet(seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no gradient for any perturbed tensor"):  # the wrong model given
+        ESAM(model, rho=0.1, beta=1.0, gamma=0.5).step(loss_fn_for(other), batch())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    esam = ESAM(model, rho=0.1, beta=0.6, gamma=0.5)
+    with pytest.raises(RuntimeError, match="no gradient for any perturbed tensor"):  # every step: a mistake
+        for _ in range(3):
+            esam.step(loss_fn_for(other), batch())
+
+
+def test_sharded_parameters_are_refused(monkeypatch):
+    class DTensor(torch.nn.Parameter):  # stands in for torch.distributed.tensor.DTensor (FSDP2's parameters)
+        pass
+
+    model = torch.nn.Linear(3, 2)
+    model.weight = DTensor(model.weight.detach())
+    with pytest.raises(NotImplementedError, match="sharded .DTensor. parameters, e.g. FSDP2's fully_shard"):
+        ESAM(model)
