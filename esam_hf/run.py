@@ -533,7 +533,13 @@ def _finish(trainer, record: dict, metrics: dict, status: str) -> None:
     if metrics:  # the Trainer's log_metrics fails on an empty dict (neither trained nor evaluated)
         trainer.log_metrics("all", metrics)
     if trainer.is_world_process_zero():
-        write_json(os.path.join(trainer.args.output_dir, "all_results.json"), metrics)
+        # The transformers examples' files: train_results.json and eval_results.json beside all_results.json.
+        out = trainer.args.output_dir
+        for split, part in (("train", {k: v for k, v in metrics.items() if not k.startswith("eval_")}),
+                            ("eval", {k: v for k, v in metrics.items() if k.startswith("eval_") or k == "epoch"})):
+            if any(k != "epoch" for k in part):
+                write_json(os.path.join(out, f"{split}_results.json"), part)
+        write_json(os.path.join(out, "all_results.json"), metrics)
         write_json(os.path.join(trainer.args.output_dir, RUN_RECORD), {**record, "status": status, "metrics": metrics})
 
 

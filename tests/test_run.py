@@ -204,5 +204,10 @@ def test_a_train_only_dataset_holds_out_a_stratified_validation_share(tmp_path):
               "--save_strategy", "no"])
     results = json.loads((out / "all_results.json").read_text())
     assert "eval_accuracy" in results and json.loads((out / "esam_run.json").read_text())["eval_samples"] == 6
+    # The transformers examples' result files, split as they split them.
+    train_results = json.loads((out / "train_results.json").read_text())
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert train_results["train_loss"] == results["train_loss"] and "eval_accuracy" not in train_results
+    assert eval_results["eval_accuracy"] == results["eval_accuracy"] and "train_loss" not in eval_results
     card = (out / "README.md").read_text()
     assert "validation (15% of train, held out)" in card and "No evaluation was run" not in card
