@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import explicit_options, make_parser, parse_args, usage_error
 from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, warmup_fraction
-from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, read_record, run_settings, settings_differences,
-                  train_image_classifier, write_json)
+from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_problem, checkpoints, read_record,
+                  run_settings, settings_differences, train_image_classifier, write_json)
 
 # method -> (recipe optimizer, extra ESAMTrainingArguments). `esam_warmup` is ESAM whose SDS
 # fraction starts at the whole batch and reaches gamma after 30% of training; `esam_random`
@@ -235,7 +234,8 @@ def train_run(model_args, data_args, training_args, recipe: str) -> str:
     if state in ("finished", "diverged"):
         print(f"[reproduce] {name}: skip ({state}, same settings)", flush=True)
         return "skip"
-    checkpoint = get_last_checkpoint(out) if state == "cut off" else None
+    # The newest complete checkpoint: one killed mid-save is skipped (see esam_hf.run.checkpoint_problem).
+    checkpoint = next((c for c in checkpoints(out) if checkpoint_problem(c) is None), None) if state == "cut off" else None
     print(f"[reproduce] {name}: " + (f"resume from {os.path.basename(checkpoint)}" if checkpoint else "train"), flush=True)
     try:
         train_image_classifier(model_args, data_args, training_args, recipe=recipe, resume_from_checkpoint=checkpoint,
@@ -361,8 +361,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[reproduce] global batch {batch} instead of the recipe's {recipe.batch_size}: learning rate "
               f"{first_args.learning_rate:g} (recipe {recipe.learning_rate:g})")
     print(f"[reproduce] {len(runs)} runs: " + ", ".join(f"{m}-seed{s} ({states[m, s]})" for m, s in runs), flush=True)
-    for (method, seed), (model_args, data_args, training_args) in runs.items():
-        train_run(model_args, data_args, training_args, recipe=f"{opts.recipe} ({method})")
+    started, done_seconds, trained = time.perf_counter(), [], 0
+    for k, ((method, seed), (model_args, data_args, training_args)) in enumerate(runs.items(), 1):
+        # The ETA assumes the runs still to come take as long as the ones trained so far (methods differ).
+        eta = (f", about {statistics.fmean(done_seconds) * (len(runs) - k + 1) / 60:.0f} min left"
+               if done_seconds else "")
+        print(f"[reproduce] run {k} of {len(runs)}: {method}-seed{seed}{eta}", flush=True)
+        began = time.perf_counter()
+        if train_run(model_args, data_args, training_args, recipe=f"{opts.recipe} ({method})") != "skip":
+            done_seconds.append(time.perf_counter() - began)
+            trained += 1
+    print(f"[reproduce] {trained} run(s) trained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     if not first_args.should_save:  # under DDP only the main process summarises
         return {}
     results = write_results(opts, runs)

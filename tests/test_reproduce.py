@@ -173,6 +173,7 @@ def test_rerun_skips_and_missing_results_resume_from_checkpoint(reproduced, caps
     main(_argv(out))
     printed = capsys.readouterr().out
     assert all(f"{m}-seed0: skip (finished, same settings)" in printed for m in METHODS)
+    assert f"[reproduce] run 1 of {len(METHODS)}: " in printed and "0 run(s) trained" in printed
     assert all(os.path.getmtime(out / f"{m}-seed0" / "model.safetensors") == weights[m] for m in METHODS)
 
     _cut_off(out / "esam-seed0")
