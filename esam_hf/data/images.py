@@ -16,35 +16,17 @@ from .errors import DataError, listed
 ROW_COLUMN = "__row__"
 _FIX = ("Fix or remove that row (e.g. with Dataset.filter); esam_hf.data.check_images (--check_images) "
         "lists every bad row of a split at once.")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _DECODER = datasets.Image()
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL image as 3-channel RGB, so every model sees the same input whatever the file held.
+    """Any PIL image as 3-channel RGB exactly as a saved model's `pipeline` will see it: transformers'
+    `load_image` (EXIF orientation applied, then PIL's `convert("RGB")`: alpha dropped, not composited;
+    16-bit and float images converted by PIL's rules). Training on other pixels than inference sees
+    would train a model for inputs it never gets."""
+    from transformers.image_utils import load_image
 
-    Transparent pixels are composited onto white, as transformers' `convert_to_rgb` does, so training
-    matches the image processor used at inference. High-bit-depth greyscale is rescaled, not clipped.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _to_8bit(image)
-    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def _to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
-    # PIL's own I/F -> L conversion clips at 255, which turns most 16-bit photos white.
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-    if image.mode == "F":
-        scale = 255.0 if values.max() <= 1.0 else 1.0  # float images are usually in [0, 1]
-    else:
-        # 16-bit PNG/TIFF open as I;16 (or I in older Pillow): map the 16-bit range onto 8 bits.
-        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 1.0
-    return PIL.Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
+    return load_image(image)
 
 
 def at_row(row: int, split: str | None = None) -> str:

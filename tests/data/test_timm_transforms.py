@@ -1,3 +1,4 @@
+import io
 import datasets
 import numpy as np
 import PIL.Image
@@ -54,11 +55,23 @@ def test_train_transform_is_random_resized_crop_and_flip_only():
     torch.testing.assert_close(out.mean((1, 2)), expected, atol=1e-4, rtol=0)
 
 
-def test_transparent_and_16bit_images_go_through_to_rgb():
-    rgba = PIL.Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    i16 = PIL.Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16))
-    ds = datasets.Dataset.from_dict({"image": [rgba, i16], "label": [0, 1]}).cast_column("image", datasets.Image())
-    config = {"input_size": (3, 32, 32), "mean": (0, 0, 0), "std": (1, 1, 1), "crop_pct": 1.0}
+def test_transparent_16bit_and_float_images_train_on_the_pixels_the_pipeline_sees():
+    from transformers import TimmWrapperImageProcessor
+    from transformers.image_utils import load_image
+
+    rgba = PIL.Image.new("RGBA", (40, 40), (0, 90, 200, 60))
+    i16 = PIL.Image.fromarray(np.full((40, 40), 30000, dtype=np.uint16))
+    floats = PIL.Image.fromarray(np.full((40, 40), 0.25, dtype=np.float32))
+    images = [rgba, i16, floats]
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0]}).cast_column("image", datasets.Image())
+    config = {"input_size": (3, 32, 32), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2), "crop_pct": 1.0,
+              "interpolation": "bilinear", "crop_mode": "center"}
     out = with_image_transform(ds, "image", "label", image_transform(config, is_training=False))
-    for i in range(2):
-        torch.testing.assert_close(out[i]["pixel_values"], torch.ones(3, 32, 32))  # both white
+    # Independent reference: what `pipeline("image-classification")` does to a file: load_image, then the
+    # saved model's image processor.
+    processor = TimmWrapperImageProcessor(pretrained_cfg=config, architecture="resnet18")
+    for i, image in enumerate(images):
+        buf = io.BytesIO()
+        image.save(buf, format="TIFF" if image.mode in ("I;16", "F") else "PNG")
+        expected = processor(load_image(PIL.Image.open(io.BytesIO(buf.getvalue()))), return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(out[i]["pixel_values"], expected, atol=1e-5, rtol=0)
