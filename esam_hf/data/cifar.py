@@ -24,7 +24,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-_CACHE_VERSION = 1  # bump when the cached layout changes
+_CACHE_VERSION = 2  # bump when the cached layout or the decoding changes (2: decoded as load_image)
 
 logger = logging.getLogger(__name__)
 
