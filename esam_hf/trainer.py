@@ -353,10 +353,12 @@ class ESAMTrainer(Trainer):
             )
 
     def _label_count(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Label tokens in `inputs`, counted as the Trainer counts `num_items_in_batch`."""
+        """Label tokens in `inputs`, counted as the Trainer counts `num_items_in_batch` (over shifted labels
+        when it says the model's loss shifts them)."""
         labels = inputs.get("shift_labels")
         if labels is None:
-            labels = inputs["labels"][..., 1:] if self._head == "causal_lm" else inputs["labels"]
+            shifts = getattr(self, "_loss_shifts_labels", self._head == "causal_lm")
+            labels = inputs["labels"][..., 1:] if shifts else inputs["labels"]
         return labels.ne(-100).sum()
 
     def current_gamma(self) -> float:

@@ -605,3 +605,16 @@ def test_sharded_parameters_are_refused(monkeypatch):
     model.weight = DTensor(model.weight.detach())
     with pytest.raises(NotImplementedError, match="sharded .DTensor. parameters, e.g. FSDP2's fully_shard"):
         ESAM(model)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_gamma_warm_up_runs_from_the_whole_batch_to_gamma(schedule):
+    from esam_hf.esam import scheduled_gamma
+
+    gamma, warmup = 0.3, 0.4  # gamma != 1 - gamma, so a swapped end point cannot pass
+    assert scheduled_gamma(gamma, 0.0, warmup, schedule) == 1.0
+    assert scheduled_gamma(gamma, warmup, warmup, schedule) == gamma
+    assert scheduled_gamma(gamma, 0.9, warmup, schedule) == gamma
+    assert scheduled_gamma(gamma, warmup / 2, warmup, schedule) == pytest.approx(1 - (1 - gamma) / 2)  # both: halfway
+    quarter = 0.25 if schedule == "linear" else (1 - math.cos(math.pi / 4)) / 2
+    assert scheduled_gamma(gamma, warmup / 4, warmup, schedule) == pytest.approx(1 - (1 - gamma) * quarter)

@@ -596,3 +596,18 @@ def test_compute_loss_overrides_see_which_pass_runs(tmp_path):
     seen.clear()
     train(Counting, TinyConvNet(), make_args(tmp_path, max_steps=1, esam_selection="random"), make_data(32))
     assert seen == ["clean", "descent"]
+
+
+def test_weights_that_end_non_finite_fail_the_run(tmp_path):
+    from transformers import TrainerCallback
+
+    from esam_hf.trainer import TrainingDiverged
+
+    class Corrupt(TrainerCallback):  # finite gradients all along, but the last update leaves an inf weight
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == args.max_steps:
+                with torch.no_grad():
+                    model.head.bias[0] = float("inf")
+
+    with pytest.raises(TrainingDiverged, match="weights are no longer finite"):
+        train(SeqESAMTrainer, TinyConvNet(), make_args(tmp_path, max_steps=2), make_data(32), callbacks=[Corrupt()])

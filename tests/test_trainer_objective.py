@@ -395,3 +395,63 @@ def test_esam_seq2seq_trainer_is_seq2seq_trainer_at_rho_0_and_generates_at_evalu
     # predict_with_generate through the plain ESAMTrainer would silently not generate: refused.
     with pytest.raises(ValueError, match="use esam_hf.ESAMSeq2SeqTrainer"):
         ESAMTrainer(model=_tiny_t5(), args=ESAMSeq2SeqTrainingArguments(str(tmp_path / "d"), **common))
+
+
+def test_sds_descent_on_token_level_losses_is_normalised_per_label_token_of_its_rows(tmp_path):
+    """GPT-2 with padded (-100) labels: the descent on the k kept rows is their mean over their own label
+    tokens, as the Trainer would normalise a batch of those rows (not the whole batch's token count)."""
+    family = dataclasses.replace(FAMILIES["gpt2_padded_accumulation"], accumulation=1, batch_size=8)
+    rho = 0.5
+    seen = []
+
+    class Spy(Recording, family.trainer_cls):
+        def _get_esam(self):
+            if self.esam is None:
+                unwrap_model(self.model).register_forward_pre_hook(
+                    lambda module, args, kwargs: seen.append(kwargs["input_ids"].detach().clone()), with_kwargs=True)
+            return super()._get_esam()
+
+    model, trainer = run_trainer(family, tmp_path, trainer_cls=Spy, steps=1, esam_rho=rho, esam_beta=1.0,
+                                 esam_gamma=0.5, esam_selection="sharpness")
+    batch = collate(family.data[:8])
+    rows = [next(i for i in range(8) if torch.equal(batch["input_ids"][i], r)) for r in seen[2]]
+    tokens = (batch["labels"][:, 1:] != -100).sum(1)
+    assert tokens[rows].sum() * 8 != tokens.sum() * len(rows), "the kept rows' token share must differ from theirs"
+    ref = family.build()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(reference_loss(family)(ref, batch, trainer.items[0], 1), params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(rho * g / (norm + 1e-12))
+    kept = {k: v[rows] for k, v in batch.items()}
+    # The Trainer's loss on a batch of the kept rows alone: normalised by their label tokens, counted as
+    # the Trainer counts a batch's (its own function).
+    ref(**kept, num_items_in_batch=trainer._get_num_items_in_batch([kept], "cpu")).loss.backward()
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    optimizer.step()
+    assert_same_params(model, ref)
+
+
+def test_a_subclass_that_declares_its_loss_scaled_for_accumulation_is_believed(tmp_path):
+    """`loss_is_scaled_for_ga` decides, whatever the model accepts: a loss the subclass divided by the
+    accumulation steps itself (True) and the same loss left for the trainer to divide (False) train alike."""
+    family = dataclasses.replace(FAMILIES["bert_single_label"], batch_size=4, accumulation=2)
+
+    class Declared(Recording):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)  # BERT's mean over the micro-batch; num_items_in_batch is not used
+            loss = outputs.loss / self.args.gradient_accumulation_steps if self.loss_is_scaled_for_ga else outputs.loss
+            return (loss, outputs) if return_outputs else loss
+
+    scaled = type("Scaled", (Declared,), {"loss_is_scaled_for_ga": True})
+    unscaled = type("Unscaled", (Declared,), {"loss_is_scaled_for_ga": False})
+    a, _ = run_trainer(family, tmp_path / "a", trainer_cls=scaled, steps=2, esam_rho=0.1, esam_beta=1.0, esam_gamma=1.0)
+    b, _ = run_trainer(family, tmp_path / "b", trainer_cls=unscaled, steps=2, esam_rho=0.1, esam_beta=1.0,
+                       esam_gamma=1.0)
+    assert_same_params(a, b)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), family.build().parameters()))
