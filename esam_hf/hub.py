@@ -320,9 +320,10 @@ def eval_results(metrics: Mapping[str, Any], *, task: str, dataset_id: str, data
 # The image-classification card
 # --------------------------------------------------------------------------- #
 def is_image_classifier(model, tasks=None) -> bool:
-    """A timm backbone in transformers' wrapper, or a caller who says the task is image classification."""
-    if IMAGE_TASK in _listify(tasks):
-        return True
+    """A timm backbone in transformers' wrapper: the models esam_hf's image card describes (preprocessing in
+    `pretrained_cfg`, the timm backbone). Any other image classifier (ViT, ConvNeXt, ... with
+    `tasks="image-classification"`, as the transformers image example passes) gets the Trainer's own card,
+    which carries its dataset and `model-index`, plus the ESAM section."""
     try:
         from transformers import TimmWrapperForImageClassification
     except ImportError:  # pragma: no cover

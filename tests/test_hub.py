@@ -248,3 +248,32 @@ print(json.dumps({{s["label"]: s["score"] for s in scores}}))
     scores = json.loads(done.stdout.strip().splitlines()[-1])
     for i, name in enumerate(["cat", "dog", "ship"]):
         assert scores[name] == pytest.approx(float(expected[i]), abs=1e-5)
+
+
+def test_a_transformers_image_classifier_card_carries_what_the_trainers_does(tmp_path):
+    """A ViT trained as the transformers image example trains it (which passes tasks="image-classification"):
+    the card has the Trainer's `datasets` and `model-index`, plus the ESAM section."""
+    from transformers import Trainer, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3)
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 8, 8, generator=g), "labels": int(i % 3)} for i in range(16)]
+    kwargs = {"finetuned_from": "google/vit-base-patch16-224-in21k", "tasks": "image-classification",
+              "dataset": "beans", "dataset_tags": "beans", "tags": ["image-classification", "vision"]}
+    cards = {}
+    for name, cls in (("esam", ESAMTrainer), ("plain", Trainer)):
+        trainer = cls(model=ViTForImageClassification(config), args=_args(tmp_path / name), train_dataset=data,
+                      eval_dataset=data, compute_metrics=_accuracy)
+        trainer.train()
+        trainer.evaluate()
+        trainer.create_model_card(**kwargs)
+        cards[name] = ModelCard.load(tmp_path / name / "README.md")
+    ours, theirs = cards["esam"].data, cards["plain"].data
+    assert theirs.datasets and theirs.eval_results and ours.datasets == theirs.datasets
+    assert ours.base_model == theirs.base_model
+    assert [(r.task_type, r.dataset_type, r.metric_type) for r in ours.eval_results] == [
+        (r.task_type, r.dataset_type, r.metric_type) for r in theirs.eval_results]
+    text = cards["esam"].text
+    assert "## Sharpness-aware training (ESAM)" in text and "pretrained_cfg" not in text
