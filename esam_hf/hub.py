@@ -413,6 +413,11 @@ def render_model_card(
         by = f" of a {resumed_from['method']} run" if resumed_from.get("method") else ""
         initial += f"; training resumed from a checkpoint{step}{by}"
     backbone = f"`{architecture}` (timm)" if is_timm else f"`{type(model).__name__}`"
+    model_args = {k: v for k, v in (getattr(config, "model_args", None) or {}).items()
+                  if k != "pretrained_cfg_overlay"}  # normalisation is stated with the preprocessing
+    if model_args:
+        backbone += ", " + ", ".join(f"`{k}={v}`" for k, v in model_args.items())
+    backbone += f"; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
     metric_rows = {}
     for key, value in metrics.items():
         named = _metric_name(key)

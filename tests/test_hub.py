@@ -72,7 +72,8 @@ def test_image_card_metadata_model_index_and_body(image_run):
         assert r.metric_value == pytest.approx(metrics[key]) and "40 of 10000 test images" in r.metric_name
     text = card.text
     for needle in ["ESAM, rho = 0.1, beta = 0.5, gamma = 0.5, gamma warm-up 30%", "| 0.1 | 0.5 | 0.5 | False | clean | sharpness | 0.3 (linear) |",
-                   "`cifar_resnet18` (timm)", "**40 of the 10000 images** of the `test` split: a subset",
+                   "`cifar_resnet18` (timm), `channels=[8, 16, 32, 64]`; 0.18 M parameters",
+                   "**40 of the 10000 images** of the `test` split: a subset",
                    "bf16 mixed precision (autocast, fp32 weights)", "tiny-recipe", "| optimizer |",
                    'pipeline("image-classification", model="cifar-esam", trust_remote_code=True)', "du2022efficient"]:
         assert needle in text, needle
