@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "BUDGET": "400", "RUNS": str(tmp_path / "runs")}
+    # This interpreter's scripts (esam-hf, python3) first, whether or not its environment is activated.
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = {**os.environ, "PATH": path, "OUT": str(out), "BUDGET": "400", "RUNS": str(tmp_path / "runs")}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
