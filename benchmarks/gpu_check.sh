@@ -78,7 +78,7 @@ part() {  # part NAME SHARE_SECONDS command...: run with a time limit; a part cu
 
 echo "# gpu_check $(date +%F) on $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["device"])' "$OUT/env.json")" > "$OUT/summary.md"
 part bench $(( $(left) * 30 / 100 )) esam-hf bench "${BENCH[@]}" --dataset "$DATA" --output_dir "$OUT/bench"
-part profile $(( $(left) * 15 / 100 )) python3 benchmarks/profile_step.py "${PROFILE[@]}" --json "$OUT/profile.json"
+part profile $(( $(left) * 25 / 100 )) python3 benchmarks/profile_step.py "${PROFILE[@]}" --json "$OUT/profile.json"
 part reproduce $(( $(left) - 20 )) esam-hf reproduce "${REPRO[@]}" --dataset "$DATA" --output_dir "$RUNS"
 
 { echo; echo "## bench"; cat "$OUT/bench/throughput.md" 2>/dev/null || echo "(none)"

@@ -13,9 +13,9 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     # This interpreter's scripts (esam-hf, python3) first, whether or not its environment is activated.
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = {**os.environ, "PATH": path, "OUT": str(out), "BUDGET": "400", "RUNS": str(tmp_path / "runs")}
+    env = {**os.environ, "PATH": path, "OUT": str(out), "BUDGET": "600", "RUNS": str(tmp_path / "runs")}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     for part in ("bench", "profile", "reproduce"):
