@@ -271,8 +271,8 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     counted, never scored), mean training seconds, images/s and its ratio to SGD."""
     summary = {}
     for method, by_seed in runs.items():
-        done = [r for r in by_seed.values() if r["status"] == "finished" and r["accuracy"] is not None]
-        acc = [r["accuracy"] for r in done]
+        done = [r for r in by_seed.values() if r["status"] == "finished"]
+        acc = [r["accuracy"] for r in done if r["accuracy"] is not None]  # none without evaluation
         summary[method] = {
             "seeds": list(by_seed), "finished": len(done), "diverged": sum(r["status"] == "diverged" for r in by_seed.values()),
             "top1_mean": statistics.fmean(acc) if acc else None,
@@ -292,12 +292,16 @@ def markdown(summary: dict[str, dict], header: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         seeds = f"{s['finished']}" + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
-        if s["top1_mean"] is None:
-            lines.append(f"| {method} | {seeds} | diverged | - | - | - | - |")
+        if not s["finished"]:
+            lines.append(f"| {method} | {seeds} | {'diverged' if s['diverged'] else 'not finished'} | - | - | - | - |")
             continue
         ratio = f"{s['images_per_s_vs_sgd']:.2f}" if s["images_per_s_vs_sgd"] else "n/a"
-        lines.append(f"| {method} | {seeds} | {100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f} | "
-                     f"{100 * s['top1_min']:.2f}–{100 * s['top1_max']:.2f} | {s['train_seconds']:.1f} | "
+        if s["top1_mean"] is None:
+            top1, spread = "not evaluated", "-"
+        else:
+            top1 = f"{100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f}"
+            spread = f"{100 * s['top1_min']:.2f}–{100 * s['top1_max']:.2f}"
+        lines.append(f"| {method} | {seeds} | {top1} | {spread} | {s['train_seconds']:.1f} | "
                      f"{s['images_per_s']:.1f} | {ratio} |")
     return "\n".join(lines)
 

@@ -234,3 +234,12 @@ def test_missing_matplotlib_is_found_before_training(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="pip install 'esam-hf\\[plots\\]'"):
         main(_argv(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_without_evaluation_is_not_called_diverged():
+    from esam_hf.reproduce import markdown, summarize
+
+    run = {"status": "finished", "accuracy": None, "train_seconds": 10.0, "images_per_s": 100.0}
+    table = markdown(summarize({"sgd": {0: run}, "sam": {0: {**run, "status": "diverged"}}}), "header")
+    assert "| sgd | 1 | not evaluated | - | 10.0 | 100.0 | 1.00 |" in table
+    assert "| sam | 0 (1 diverged) | diverged |" in table

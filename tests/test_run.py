@@ -211,3 +211,12 @@ def test_a_train_only_dataset_holds_out_a_stratified_validation_share(tmp_path):
     assert eval_results["eval_accuracy"] == results["eval_accuracy"] and "train_loss" not in eval_results
     card = (out / "README.md").read_text()
     assert "validation (15% of train, held out)" in card and "No evaluation was run" not in card
+
+
+def test_training_on_the_evaluation_split_is_announced_and_carded(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli_main(["train", "--output_dir", str(out), *TINY, "--dataset", "cifar10-subset", "--train_split", "test",
+              "--eval_split", "test", "--max_train_samples", "32", "--max_eval_samples", "16", "--max_steps", "1",
+              "--save_strategy", "no"])
+    assert "evaluating on the training split 'test'" in capsys.readouterr().err
+    assert "also the training split: the scores measure fit, not generalisation" in (out / "README.md").read_text()

@@ -47,6 +47,8 @@ class DatasetSpec:
         """The evaluated split as a card and a log should name it."""
         if self.eval_split is None and self.train_val_split:
             return f"validation ({self.train_val_split:.0%} of {self.train_split}, held out)"
+        if self.eval_split is not None and self.eval_split == self.train_split:
+            return f"{self.eval_split} (also the training split: the scores measure fit, not generalisation)"
         return self.eval_split
 
 
@@ -96,6 +98,9 @@ def resolve_dataset(
     spec = dataclasses.replace(spec, **overrides) if spec is not None else _inspect(name_or_path, **overrides)
     if spec.eval_split is not None and spec.eval_split.lower() == NO_EVAL:
         spec = dataclasses.replace(spec, eval_split=None)
+    elif spec.eval_split is not None and spec.eval_split == spec.train_split:
+        print(f"esam_hf: evaluating on the training split {spec.train_split!r} of {name_or_path}: the scores will "
+              "measure fit, not generalisation (and the card says so).", file=sys.stderr)
     elif spec.eval_split is None and train_val_split:
         spec = dataclasses.replace(spec, train_val_split=float(train_val_split))
         logger.warning("%s has no evaluation split: holding out %.0f%% of %r (stratified, seeded) to evaluate on "
