@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from helpers import SeqESAMTrainer, TinyConvNet, make_args, make_data, train
+from helpers import PlainNet, SeqESAMTrainer, TinyConvNet, make_args, make_data, train
 
 out_dir, mode = sys.argv[1], sys.argv[2]
 batchnorm = mode == "esam"
@@ -14,9 +14,11 @@ if mode == "rho0":
     overrides["esam_rho"] = 0.0
 elif mode == "unused":  # a trainable tensor the forward never uses, always kept by SWP (beta 1)
     overrides.update(esam_beta=1.0, ddp_find_unused_parameters=True)
+elif mode == "custom":  # a plain nn.Module returning {"logits", "loss"}, under ESAMTrainingArguments' defaults
+    pass
 else:
     overrides["esam_gamma_warmup"] = 0.5  # k changes from step to step: ranks must agree on it
-model = TinyConvNet(batchnorm=batchnorm)
+model = PlainNet() if mode == "custom" else TinyConvNet(batchnorm=batchnorm)
 if mode == "unused":
     model.unused = torch.nn.Parameter(torch.zeros(3))
 sizes = []

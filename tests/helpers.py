@@ -32,6 +32,28 @@ class TinyConvNet(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
+class PlainNet(nn.Module):
+    """The commonest custom model: no config, no loss_type; forward(pixel_values, labels) -> {logits, loss}."""
+
+    def __init__(self, loss="mean"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+        self.loss = loss
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.head(self.body(pixel_values))
+        out = {"logits": logits}
+        if labels is not None:
+            if self.loss == "mean":
+                out["loss"] = F.cross_entropy(logits, labels)
+            else:  # a loss that is not a mean over examples: each example against the whole batch
+                sim = logits @ logits.T
+                out["loss"] = 0.5 * (F.cross_entropy(sim, torch.arange(len(sim))) + F.cross_entropy(sim.T, torch.arange(len(sim))))
+        return out
+
+
 def make_data(n=64, num_classes=4, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import SeqESAMTrainer, TinyConvNet, make_args, make_data, train
+from helpers import PlainNet, SeqESAMTrainer, TinyConvNet, make_args, make_data, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,3 +65,11 @@ def test_ddp_with_a_trainable_tensor_unused_in_the_forward(tmp_path):
         assert torch.equal(v, r1["state"][k]), k
     assert torch.equal(r0["state"]["unused"], torch.zeros(3))
     assert not torch.equal(r0["state"]["head.weight"], TinyConvNet(batchnorm=False).state_dict()["head.weight"])
+
+
+def test_a_custom_module_trains_under_the_defaults_in_two_processes(tmp_path):
+    r0, r1 = run_two_processes(tmp_path, "custom")
+    initial = PlainNet().state_dict()
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+        assert not torch.equal(v, initial[k]), k

@@ -11,7 +11,7 @@ from esam_hf import ESAMTrainer, ESAMTrainingArguments
 
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from helpers import (SeqESAMTrainer, SequentialMixin, TinyConvNet, adamw, batches, make_args, make_data,
+from helpers import (PlainNet, SeqESAMTrainer, SequentialMixin, TinyConvNet, adamw, batches, make_args, make_data,
                      params_of, sgd, train)
 
 
@@ -502,28 +502,6 @@ def test_the_host_read_counter_sees_a_per_step_sync(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- #
 # Drop-in: models the Trainer trains, trained the same way under the defaults
 # --------------------------------------------------------------------------- #
-class PlainNet(torch.nn.Module):
-    """The commonest custom model: no config, no loss_type; forward(pixel_values, labels) -> {logits, loss}."""
-
-    def __init__(self, loss="mean"):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU())
-        self.head = torch.nn.Linear(16, 4)
-        self.loss = loss
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.head(self.body(pixel_values))
-        out = {"logits": logits}
-        if labels is not None:
-            if self.loss == "mean":
-                out["loss"] = F.cross_entropy(logits, labels)
-            else:  # a loss that is not a mean over examples: each example against the whole batch
-                sim = logits @ logits.T
-                out["loss"] = 0.5 * (F.cross_entropy(sim, torch.arange(len(sim))) + F.cross_entropy(sim.T, torch.arange(len(sim))))
-        return out
-
-
 def test_a_custom_module_trains_under_the_defaults_as_a_hand_written_esam_step(tmp_path):
     from esam_hf import ESAM
 
