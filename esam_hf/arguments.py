@@ -41,6 +41,8 @@ def parse_args(parser: HfArgumentParser, argv: list[str] | None = None, trains: 
     with the usage error (status 2) before any work, and so do training arguments that would train
     nothing when the command trains (`trains`; default: unless it asked only to evaluate or predict)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):  # one argument file, as in the HF examples
+        argv = argument_file_flags(parser, argv[0])
     try:
         *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     except ValueError as e:  # a dataclass's own check (__post_init__): a usage error, not a crash
@@ -59,6 +61,31 @@ def parse_args(parser: HfArgumentParser, argv: list[str] | None = None, trains: 
             except ValueError as e:
                 parser.error(str(e))
     return tuple(parsed)
+
+
+def argument_file_flags(parser: HfArgumentParser, path: str) -> list[str]:
+    """The options of a `.json` / `.yaml` argument file (`{"output_dir": "x", "bf16": true}`) as command-line
+    flags, so they go through the same parsing, defaults and checks as flags do."""
+    import json
+
+    try:
+        with open(path) as f:
+            if path.endswith(".json"):
+                options = json.load(f)
+            else:
+                import yaml
+
+                options = yaml.safe_load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot read the argument file {path}: {e}")
+    if not isinstance(options, dict):
+        parser.error(f"the argument file {path} must hold a mapping of option names to values")
+    flags = []
+    for name, value in options.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        flags += [f"--{name}", str(value)]
+    return flags
 
 
 def usage_error(prog: str, message: str) -> NoReturn:

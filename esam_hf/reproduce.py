@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from .arguments import explicit_options, make_parser, parse_args, usage_error
+from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
 from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, warmup_fraction
 from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_problem, checkpoints, read_record,
                   run_settings, settings_differences, train_image_classifier, write_json)
@@ -117,7 +117,10 @@ def plan(argv: list[str] | None = None) -> tuple[ReproduceArguments, dict]:
     """The command's options and every run's `(model_args, data_args, training_args)`, by (method, seed):
     the recipe's defaults, then the command line, then what defines each method."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    recipe = make_parser([ReproduceArguments], prog=PROG, add_help=False).parse_known_args(argv)[0].recipe  # sets the defaults
+    pre = make_parser([ReproduceArguments], prog=PROG, add_help=False)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):  # one argument file
+        argv = argument_file_flags(pre, argv[0])
+    recipe = pre.parse_known_args(argv)[0].recipe  # sets the defaults
     first = _parser(recipe, "esam", {}, None)
     opts, *_, training = parse_args(first, argv, trains=True)  # validates every option before any work
     if "seed" in explicit_options(first, argv):

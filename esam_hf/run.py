@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .arguments import explicit_options, make_parser, parse_args, usage_error
+from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
 from .recipes import RECIPES, RecipeArguments, method_of, optimizer_conflicts, recipe_defaults
 
 RUN_RECORD = "esam_run.json"
@@ -581,6 +581,8 @@ def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
 
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = make_parser([RecipeArguments], prog=prog, add_help=False)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):  # one argument file
+        argv = argument_file_flags(pre, argv[0])
     recipe = pre.parse_known_args(argv)[0]  # the recipe decides the other options' defaults
     if recipe.recipe is None and default_recipe is not None:
         recipe.recipe = default_recipe_for(argv, default_recipe)

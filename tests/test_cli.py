@@ -67,3 +67,20 @@ def test_example_scripts_default_to_a_recipe_and_say_so(capsys):
     with pytest.raises(SystemExit):
         parse(["--output_dir", "x", "--learning_ratee", "1"], prog="train_cifar.py", default_recipe="cifar10-resnet18")
     assert "train_cifar.py: error:" in capsys.readouterr().err
+
+
+def test_one_json_or_yaml_argument_file_works_as_flags(tmp_path):
+    import json
+
+    from esam_hf.run import parse
+
+    (tmp_path / "args.json").write_text(json.dumps({"output_dir": str(tmp_path / "x"), "recipe": "demo",
+                                                    "learning_rate": 0.02, "esam_selection": "sharpness",
+                                                    "model_kwargs": {"channels": [8, 16, 32, 64]}}))
+    recipe, _, model, _, training = parse([str(tmp_path / "args.json")])
+    assert (recipe.recipe, training.learning_rate, training.esam_selection) == ("demo", 0.02, "sharpness")
+    assert training.num_train_epochs == 10 and training.per_device_train_batch_size == 64  # the recipe's defaults
+    assert json.loads(model.model_kwargs) == {"channels": [8, 16, 32, 64]}
+    (tmp_path / "args.yaml").write_text(f"output_dir: {tmp_path / 'y'}\nnum_train_epochs: 3\n")
+    *_, training = parse([str(tmp_path / "args.yaml")])
+    assert training.num_train_epochs == 3
