@@ -26,15 +26,17 @@ from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, 
 from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_problem, checkpoints, read_record,
                   run_settings, settings_differences, train_image_classifier, write_json)
 
-# method -> (recipe optimizer, extra ESAMTrainingArguments). `esam_warmup` is ESAM whose SDS
-# fraction starts at the whole batch and reaches gamma after 30% of training; `esam_random`
-# selects a uniform random subset instead of the sharpest examples.
+# Stands for "SAM's radius": the recipe's rho x beta, which SWP's 1/beta scaling brings back to rho.
+SAM_RADIUS = "sam_radius"
+# method -> (recipe optimizer, extra ESAMTrainingArguments). `esam` is the paper's ESAM (the recipe's rho,
+# sharpness selection); `esam_warmup` the same with SDS starting at the whole batch and reaching gamma after
+# 30% of training; `esam_random` ESAMTrainer's default mode: a uniform random subset, perturbing as far as SAM.
 METHODS = {
     "sgd": ("sgd", {}),
     "sam": ("sam", {}),
-    "esam": ("esam", {"esam_selection": "sharpness"}),  # the paper's ESAM
+    "esam": ("esam", {"esam_selection": "sharpness"}),
     "esam_warmup": ("esam", {"esam_selection": "sharpness", "esam_gamma_warmup": 0.3}),
-    "esam_random": ("esam", {"esam_selection": "random"}),  # ESAMTrainer's default mode
+    "esam_random": ("esam", {"esam_selection": "random", "esam_rho": SAM_RADIUS}),
 }
 # Fields that make a method what it is: re-imposed over the command line, so `--esam_rho 0.1`
 # changes SAM and ESAM but leaves SGD plain SGD (and `--esam_gamma 0.3` leaves SAM SAM).
@@ -98,7 +100,9 @@ def _parser(recipe: str, optimizer: str, extra: dict, batch_size: int | None):
     from .trainer import ESAMTrainingArguments
 
     batch, lr, warmup = batch_schedule(recipe, batch_size)
-    warmup = max(warmup, get_recipe(recipe).options.get("warmup_fraction", 0.0))
+    r = get_recipe(recipe)
+    warmup = max(warmup, r.options.get("warmup_fraction", 0.0))
+    extra = {k: (round(r.rho * r.beta, 6) if v == SAM_RADIUS else v) for k, v in extra.items()}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     defaults = {**TRAIN_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(),
                 **recipe_defaults(recipe, optimizer), **extra, "output_dir": os.path.join("outputs", f"reproduce-{recipe}"),
@@ -131,6 +135,8 @@ def plan(argv: list[str] | None = None) -> tuple[ReproduceArguments, dict]:
         optimizer, extra = METHODS[method]
         esam = get_recipe(recipe).esam_args(optimizer)
         defining = [f"--{name}={esam[name]}" for name in _DEFINING[optimizer]]
+        # What makes the method itself (its selection, its warm-up) is re-imposed too; its rho stays settable.
+        defining += [f"--{name}={value}" for name, value in extra.items() if name != "esam_rho"]
         for seed in opts.seed_list:
             run_argv = [*argv, f"--output_dir={run_dir(root, method, seed)}", f"--seed={seed}", *defining]
             _, model_args, data_args, training_args = parse_args(_parser(recipe, optimizer, extra, opts.batch_size), run_argv)
