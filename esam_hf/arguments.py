@@ -118,6 +118,9 @@ def explicit_options(parser: HfArgumentParser, argv: list[str]) -> set[str]:
 
 
 def _move_to_first_group(parser: HfArgumentParser, title: str, prefix: str) -> None:
+    # argparse has no public way to move an option between groups or to order groups, and HfArgumentParser
+    # adds each dataclass's fields in declaration order, ESAM's after TrainingArguments' ~150: so this edits
+    # the parser's group lists, which only `--help` reads.
     group = parser.add_argument_group(title)
     for action in list(parser._actions):
         if action.dest.startswith(prefix):

@@ -52,6 +52,9 @@ def cifar_tensors(
     cache file (truncated, or not what it should hold) is deleted and rebuilt. Images that cannot be
     decoded are all reported at once by `split` (default: the dataset's own split name) and row.
     """
+    # `datasets` keeps the fingerprint private, but it is the one key that changes with the files, `select`
+    # indices and maps; no public attribute does. The cache lives in our own folder (default_cache_dir), not
+    # beside the Arrow files, so `Dataset.cleanup_cache_files()` leaves it: delete that folder to clear it.
     key = hashlib.sha256(f"{_CACHE_VERSION}|{dataset._fingerprint}|{image_column}|{label_column}".encode()).hexdigest()
     path = Path(cache_dir or default_cache_dir()) / f"cifar-{key[:20]}.pt"
     cached = _load_cache(path, len(dataset)) if path.exists() else None
