@@ -33,7 +33,22 @@ def make_parser(types: Iterable[type], *, prog: str, description: str | None = N
         parser.set_defaults(**defaults)
     if first_group:
         _move_to_first_group(parser, *first_group)
+    for action in parser._actions:  # what these TrainingArguments mean in esam-hf, not in the Trainer at large
+        action.help = COMMAND_HELP.get(action.dest, action.help)
     return parser
+
+
+COMMAND_HELP = {
+    "optim": "Optimizer. 'sgd' here is the paper's SGD (momentum 0.9, weight decay on every parameter; "
+             "--optim_args momentum=X,nesterov=true), not the Trainer's momentum-free one; any other "
+             "transformers optimizer name works except those that step inside the backward pass "
+             "(lomo, adalomo, *_layerwise), which ESAM refuses.",
+    "resume_from_checkpoint": "'last' continues the newest complete checkpoint in --output_dir (damaged ones "
+                              "are skipped and named); a path continues that checkpoint. A finished run is "
+                              "never resumed.",
+    "do_train": "Train (default: train and evaluate when neither --do_train nor --do_eval is given).",
+    "do_eval": "Evaluate on the evaluation split (default: train and evaluate when neither is given).",
+}
 
 
 def parse_args(parser: HfArgumentParser, argv: list[str] | None = None, trains: bool | None = None) -> tuple:

@@ -84,3 +84,14 @@ def test_one_json_or_yaml_argument_file_works_as_flags(tmp_path):
     (tmp_path / "args.yaml").write_text(f"output_dir: {tmp_path / 'y'}\nnum_train_epochs: 3\n")
     *_, training = parse([str(tmp_path / "args.yaml")])
     assert training.num_train_epochs == 3
+
+
+def test_help_says_what_trainer_options_do_here(capsys):
+    from esam_hf.cli import main as cli
+
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'sgd' here is the paper's SGD (momentum 0.9" in text
+    assert "'last' continues the newest complete checkpoint in --output_dir" in text
+    assert "default: train and evaluate when neither --do_train nor --do_eval is given" in text
