@@ -180,7 +180,10 @@ def report(path: Path, plot: Path | None = None, min_seeds: int = 1) -> str:
         lines.append(f"| {setting} | {k['method']}{warm} (rho {k['rho']}) | {k['beta']} | {k['gamma']} | {k['selection']} | "
                      f"{','.join(map(str, seeds))} | {statistics.mean(accs):.2f} ± {std:.2f} | "
                      f"{statistics.median(secs):.0f} | {speed:.2f}x |")
-        points.append((f"{k['method']}{warm} rho {k['rho']}", statistics.mean(accs), std, statistics.median(secs), setting))
+        label = f"{k['method']}{warm} rho {k['rho']}"
+        defaults = METHODS.get(k["method"], {})
+        label += "".join(f" {name} {k[name]}" for name in ("beta", "gamma") if name in defaults and k[name] != defaults[name])
+        points.append((label, statistics.mean(accs), std, statistics.median(secs), setting))
     if plot is not None:
         import matplotlib
 
@@ -188,13 +191,15 @@ def report(path: Path, plot: Path | None = None, min_seeds: int = 1) -> str:
         import matplotlib.pyplot as plt
 
         settings = sorted({p[4] for p in points})
-        fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(settings), figsize=(9 * len(settings), 5.5), squeeze=False)
         for ax, setting in zip(axes[0], settings):
-            for name, acc, std, sec, s_ in points:
-                if s_ != setting:
-                    continue
+            mine = sorted((p for p in points if p[4] == setting), key=lambda p: (p[3], p[1]))
+            for i, (name, acc, std, sec, _) in enumerate(mine):
                 ax.errorbar(sec, acc, yerr=0 if std != std else std, fmt="o", capsize=3)
-                ax.annotate(name, (sec, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                # Alternate the label side so that neighbouring points stay readable.
+                right = sec > 0.8 * max(p[3] for p in mine)  # labels of the costliest points go to their left
+                ax.annotate(name, (sec, acc), textcoords="offset points", xytext=(-6 if right else 6, 6 if i % 2 else -11),
+                            ha="right" if right else "left", fontsize=8)
             ax.set_xlabel("training process time, s (1 thread)")
             ax.set_ylabel("test top-1 % (mean ± std over seeds)")
             ax.set_title(setting, fontsize=9)

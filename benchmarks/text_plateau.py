@@ -28,10 +28,11 @@ VOCAB, LENGTH, KEYWORDS = 100, 16, (3, 4, 5)
 VARIANTS = {
     "plain (rho 0)": {"esam_rho": 0.0},
     "plain batch 16": {"esam_rho": 0.0, "per_device_train_batch_size": 16},
-    "SAM": {"esam_beta": 1.0, "esam_gamma": 1.0},
+    "SAM": {"esam_rho": 0.05, "esam_beta": 1.0, "esam_gamma": 1.0},
     "SWP only (gamma 1)": {"esam_gamma": 1.0},
     "ESAM defaults": {},
-    "paper ESAM (sharpness selection)": {"esam_selection": "sharpness"},
+    "ESAM defaults at rho 0.05": {"esam_rho": 0.05},
+    "paper ESAM (sharpness selection)": {"esam_rho": 0.05, "esam_selection": "sharpness"},
     "ESAM defaults at rho 0.03 (0.05 x beta)": {"esam_rho": 0.03},
     "ESAM defaults + gamma warm-up 30%": {"esam_gamma_warmup": 0.3},
     "ESAM defaults at rho 0.03 + warm-up 30%": {"esam_rho": 0.03, "esam_gamma_warmup": 0.3},
