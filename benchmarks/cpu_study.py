@@ -35,6 +35,7 @@ METHODS = {
     "esam": dict(beta=0.6, gamma=0.5, selection="sharpness"),  # the paper's ESAM
     "random": dict(beta=0.6, gamma=0.5, selection="random"),
     "balanced": dict(beta=0.6, gamma=0.5, selection="balanced"),
+    "clean_loss": dict(beta=0.6, gamma=0.5, selection="clean_loss"),  # no selection forward pass
     "swp": dict(beta=0.6, gamma=1.0, selection="sharpness"),  # SWP only
     "sds": dict(beta=1.0, gamma=0.5, selection="sharpness"),  # SDS only
     "warmup": dict(beta=0.6, gamma=0.5, selection="sharpness", gamma_warmup=0.3),

@@ -30,9 +30,10 @@ from torch import nn
 BN_STATS_MODES = ("clean", "all")
 GAMMA_SCHEDULES = ("linear", "cosine")
 # How SDS picks its k examples: the paper's instance sharpness l_i(w + e) - l_i(w), the loss
-# l_i(w + e) alone, a uniform random subset (unbiased, and no selection forward pass), or the
-# sharpest share of each group (class) of the batch, so the descent is not dominated by one class.
-SELECTIONS = ("sharpness", "loss", "random", "balanced")
+# l_i(w + e) alone, a uniform random subset (unbiased, and no selection forward pass), the sharpest
+# share of each group (class) of the batch, so the descent is not dominated by one class, or the
+# largest losses at w, which the ascent pass already has (no selection forward pass either).
+SELECTIONS = ("sharpness", "loss", "random", "balanced", "clean_loss")
 
 
 def scheduled_gamma(gamma: float, progress: float, warmup: float, schedule: str = "linear") -> float:
@@ -282,6 +283,8 @@ class ESAM:
                 index, rise = None, None
                 if k < batch_size and self.selection == "random":
                     index = torch.randperm(batch_size, device=loss.device)[:k]
+                elif k < batch_size and self.selection == "clean_loss":
+                    index = self._selection_score(clean_scores, clean_scores, batch_size).topk(k, sorted=False).indices
                 elif k < batch_size:
                     with torch.no_grad():
                         perturbed_loss, perturbed_scores = loss_fn(batch)
@@ -294,7 +297,8 @@ class ESAM:
                 backward(descent)
         finally:
             self._restore(kept, backup)
-        # Rise of the objective from w to w + e; under random selection estimated on the subset.
+        # Rise of the objective from w to w + e; without a selection pass (random, clean_loss) estimated
+        # from the subset's loss at w + e against the batch's at w (biased upwards under clean_loss).
         rise = descent.detach() - loss if rise is None else rise
         self._record(norm if scale is None else norm / scale, finite, rise, len(kept) / len(params))
         self.last_selection = index
@@ -321,6 +325,8 @@ class ESAM:
                     f"per-example scores {got} {name} for a batch of {batch_size}: return (loss, scores) with "
                     "scores of shape [B], or use selection='random' (no scores needed) or gamma=1."
                 )
+        if self.selection == "clean_loss":
+            return clean
         return perturbed if self.selection == "loss" else perturbed - clean
 
     @staticmethod

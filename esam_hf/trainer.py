@@ -58,8 +58,9 @@ class ESAMTrainingArguments(TrainingArguments):
         # half (which can stall near a loss plateau) and skips a forward pass (README, "Choosing a mode").
         default="random",
         metadata={"help": "SDS score: 'sharpness' l(w+e) - l(w) (the paper's), 'loss' l(w+e), 'random' "
-                          "(a uniform subset: unbiased, and skips the selection forward pass), or 'balanced' "
-                          "(the sharpest share of each class in the batch; needs integer class labels).",
+                          "(a uniform subset: unbiased, and skips the selection forward pass), 'balanced' "
+                          "(the sharpest share of each class in the batch; needs integer class labels), or "
+                          "'clean_loss' (the largest losses at w: no selection forward pass).",
                   "choices": list(SELECTIONS)},
     )
 

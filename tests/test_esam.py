@@ -618,3 +618,15 @@ def test_gamma_warm_up_runs_from_the_whole_batch_to_gamma(schedule):
     assert scheduled_gamma(gamma, warmup / 2, warmup, schedule) == pytest.approx(1 - (1 - gamma) / 2)  # both: halfway
     quarter = 0.25 if schedule == "linear" else (1 - math.cos(math.pi / 4)) / 2
     assert scheduled_gamma(gamma, warmup / 4, warmup, schedule) == pytest.approx(1 - (1 - gamma) * quarter)
+
+
+def test_clean_loss_selection_keeps_the_largest_losses_at_w_without_a_selection_pass():
+    model = TinyConvNet()
+    x, y = batch()
+    with torch.no_grad():  # independent reference: the per-example losses at w, before any step
+        reference = F.cross_entropy(model(x).logits, y, reduction="none")
+    seen = []
+    esam = ESAM(model, rho=0.1, beta=1.0, gamma=0.5, selection="clean_loss")
+    esam.step(loss_fn_for(model, seen), (x, y))
+    assert len(seen) == 2  # ascent and descent only
+    assert set(esam.last_selection.tolist()) == set(reference.topk(8).indices.tolist())
