@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
 from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, warmup_fraction
 from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_problem, checkpoints, read_record,
-                  run_settings, settings_differences, train_image_classifier, write_json)
+                  restore_card, run_settings, settings_differences, train_image_classifier, write_json)
 
 # Stands for "SAM's radius": the recipe's rho x beta, which SWP's 1/beta scaling brings back to rho.
 SAM_RADIUS = "sam_radius"
@@ -242,6 +242,9 @@ def train_run(model_args, data_args, training_args, recipe: str) -> str:
     state = run_state(model_args, data_args, training_args)
     if state in ("finished", "diverged"):
         print(f"[reproduce] {name}: skip ({state}, same settings)", flush=True)
+        if state == "finished" and not os.path.isfile(os.path.join(out, "README.md")) and training_args.should_save:
+            restore_card(model_args, data_args, training_args, recipe=recipe)
+            print(f"[reproduce] {name}: its model card was missing: written again from the saved run", flush=True)
         return "skip"
     # The newest complete checkpoint: one killed mid-save is skipped (see esam_hf.run.checkpoint_problem).
     checkpoint = next((c for c in checkpoints(out) if checkpoint_problem(c) is None), None) if state == "cut off" else None

@@ -500,6 +500,30 @@ def train_image_classifier(model_args: ModelArguments, data_args: DataArguments,
     return metrics
 
 
+def restore_card(model_args: ModelArguments, data_args: DataArguments, training_args, recipe: str = "custom") -> str:
+    """Write a finished run's model card again from what the run saved (the model, `trainer_state.json`
+    with its logged metrics, the record), e.g. after the README.md was lost. Returns the card's path."""
+    from transformers import AutoModelForImageClassification, TrainerState
+
+    from . import models  # noqa: F401  (the CIFAR backbones, for from_pretrained)
+
+    out = training_args.output_dir
+    spec, _, data = build_model_and_data(model_args, data_args, training_args.seed)
+    model = AutoModelForImageClassification.from_pretrained(out)
+    trainer = image_trainer(model, data, training_args)
+    trainer.state = TrainerState.load_from_json(os.path.join(out, "trainer_state.json"))
+    record = read_record(out) or {}
+    # The final evaluation ran after trainer_state.json was saved: the record holds it.
+    final = {k: v for k, v in (record.get("metrics") or {}).items() if k.startswith("eval_")}
+    if final:
+        trainer.state.log_history.append(final)
+    kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, out)
+    if record.get("resumed_from"):
+        kwargs["resumed_from"] = record["resumed_from"]
+    trainer.create_model_card(**kwargs)
+    return os.path.join(out, "README.md")
+
+
 def resume_source(checkpoint: str | bool, output_dir: str) -> dict[str, Any]:
     """Where a resumed run continues from: the checkpoint, its step, and the method of the run that wrote it."""
     path = checkpoint if isinstance(checkpoint, str) else (checkpoints(output_dir) or [None])[0]

@@ -176,6 +176,12 @@ def test_rerun_skips_and_missing_results_resume_from_checkpoint(reproduced, caps
     assert f"[reproduce] run 1 of {len(METHODS)}: " in printed and "0 run(s) trained" in printed
     assert all(os.path.getmtime(out / f"{m}-seed0" / "model.safetensors") == weights[m] for m in METHODS)
 
+    card = (out / "sgd-seed0" / "README.md").read_text()
+    (out / "sgd-seed0" / "README.md").unlink()  # a lost card is written again, the same, on the next run
+    main(_argv(out))
+    assert "sgd-seed0: its model card was missing: written again" in capsys.readouterr().out
+    assert (out / "sgd-seed0" / "README.md").read_text() == card
+
     _cut_off(out / "esam-seed0")
     main(_argv(out))
     printed = capsys.readouterr().out
