@@ -554,8 +554,6 @@ def card_kwargs(spec, data, model, model_args: ModelArguments, data_args: DataAr
 
 
 def _finish(trainer, record: dict, metrics: dict, status: str) -> None:
-    if metrics:  # the Trainer's log_metrics fails on an empty dict (neither trained nor evaluated)
-        trainer.log_metrics("all", metrics)
     if trainer.is_world_process_zero():
         # The transformers examples' files: train_results.json and eval_results.json beside all_results.json.
         out = trainer.args.output_dir
@@ -695,11 +693,20 @@ def hub_problem() -> str | None:
 
 def results_table(runs: dict[str, dict]) -> str:
     """Markdown table of the metrics a user looks at first."""
-    columns = [("eval_accuracy", "top-1"), ("eval_top5_accuracy", "top-5"), ("eval_loss", "eval loss"),
-               ("train_loss", "train loss"), ("train_samples_per_second", "images/s"), ("train_runtime", "train s")]
+    # Accuracies in percent, as the README's tables show them; the Trainer's images/s and seconds include
+    # the evaluations run during training, and the header says so.
+    columns = [("eval_accuracy", "top-1 %"), ("eval_top5_accuracy", "top-5 %"), ("eval_loss", "eval loss"),
+               ("train_loss", "train loss"), ("train_samples_per_second", "images/s (incl. evaluation)"),
+               ("train_runtime", "train s (incl. evaluation)")]
     present = [(k, t) for k, t in columns if any(k in m for m in runs.values())]
     lines = ["| run | " + " | ".join(t for _, t in present) + " |", "|---" * (len(present) + 1) + "|"]
+
+    def cell(key, value):
+        if not isinstance(value, (int, float)):
+            return str(value if value is not None else "")
+        return f"{100 * value:.2f}" if key.endswith("accuracy") else f"{value:.4g}"
+
     for name, m in runs.items():
-        cells = [f"{m[k]:.4g}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k, _ in present]
+        cells = [cell(k, m.get(k)) for k, _ in present]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """End to end: train a few steps through the CLI pipeline, save, reload with the Auto classes
 and `pipeline`, and compare with the in-memory model on a real CIFAR-10 photo."""
 
+import json
 import re
 from pathlib import Path
 
@@ -64,7 +65,10 @@ def test_cli_train_recipe_with_optimizer_baseline(tmp_path, capsys):
               "--max_train_samples", "64", "--max_eval_samples", "32", "--use_cpu", "--disable_tqdm", "true",
               "--save_strategy", "no", "--eval_strategy", "no"])
     printed = capsys.readouterr().out
-    assert "| demo (sgd) |" in printed and "top-1" in printed
+    assert "| demo (sgd) |" in printed and "| top-1 % |" in printed
+    accuracy = json.loads((out / "all_results.json").read_text())["eval_accuracy"]
+    assert f"| {100 * accuracy:.2f} |" in printed  # in percent, as the README's tables
+    assert "***** all metrics *****" not in printed  # one results block, not the Trainer's as well
     saved = torch.load(out / "training_args.bin", weights_only=False)
     assert (saved.esam_rho, saved.learning_rate, saved.per_device_train_batch_size) == (0.0, 0.05, 64)
     card = (out / "README.md").read_text()
