@@ -455,3 +455,21 @@ def test_a_subclass_that_declares_its_loss_scaled_for_accumulation_is_believed(t
                        esam_gamma=1.0)
     assert_same_params(a, b)
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), family.build().parameters()))
+
+
+def test_question_answering_with_accumulation_trains_as_hand_written_sam(tmp_path):
+    """A model that takes loss kwargs but whose batches have no `labels` (start/end positions instead), with
+    gradient accumulation: the Trainer counts no label tokens, so each micro-batch's mean loss is divided
+    by the accumulation steps, in both ESAM passes."""
+    ids, mask, g = _tokens(32, 0)
+    data = _rows(input_ids=ids, attention_mask=mask, start_positions=torch.randint(0, T, (32,), generator=g),
+                 end_positions=torch.randint(0, T, (32,), generator=g))
+    qa = Family(_seeded(lambda: transformers.BertForQuestionAnswering(_bert_config())), data, batch_size=4,
+                accumulation=2)
+    model, trainer = run_trainer(qa, tmp_path, esam_rho=0.1, esam_beta=1.0, esam_gamma=1.0)
+    assert trainer.items and all(i is None for i in trainer.items)
+    reference = hand_written_sam(qa, _items_per_step(trainer, qa), rho=0.1)
+    assert_same_params(model, reference)
+    # SDS cannot show this loss is a mean of per-example losses it can compute: refused before any update.
+    with pytest.raises(ValueError, match="esam_gamma=1 keeps the objective"):
+        run_trainer(qa, tmp_path / "sds", esam_rho=0.1)
