@@ -69,20 +69,28 @@ _CIFAR = {
     "pyramidnet110": ("cifar_pyramidnet110", 300, 256, 0.05, 5e-4, 0.2, 0.5, 0.5),
 }
 
+# The paper's recipes train the paper's ESAM (sharpness selection); ESAMTrainer's default mode is
+# `reproduce --methods esam_random` (random selection at rho x beta), or --esam_selection random.
+_PAPER = {"esam_selection": "sharpness"}
 RECIPES: dict[str, Recipe] = {
-    f"{dataset}-{short}": Recipe(dataset, *values)
+    f"{dataset}-{short}": Recipe(dataset, *values, options=_PAPER)
     for dataset in ("cifar10", "cifar100")
     for short, values in _CIFAR.items()
 }
 _IMAGENET_NOTE = ("The authors never released their ImageNet recipe: this is the standard 90-epoch "
                   "SGD recipe (lr 0.1 per 256 images, weight decay 1e-4) with the CIFAR ESAM settings.")
 RECIPES.update({
-    "imagenet-resnet50": Recipe("imagenet", "resnet50", 90, 256, 0.1, 1e-4, 0.05, 0.6, 0.5, _IMAGENET_NOTE),
-    "imagenet-resnet101": Recipe("imagenet", "resnet101", 90, 256, 0.1, 1e-4, 0.05, 0.6, 0.5, _IMAGENET_NOTE),
+    "imagenet-resnet50": Recipe("imagenet", "resnet50", 90, 256, 0.1, 1e-4, 0.05, 0.6, 0.5, _IMAGENET_NOTE,
+                                options=_PAPER),
+    "imagenet-resnet101": Recipe("imagenet", "resnet101", 90, 256, 0.1, 1e-4, 0.05, 0.6, 0.5, _IMAGENET_NOTE,
+                                 options=_PAPER),
     # Not from the paper: the README's offline CPU demo on the CIFAR-10 subset shipped in the package.
+    # Its ESAM is ESAMTrainer's default mode (random selection at rho 0.05 x beta = 0.03).
     "demo": Recipe("cifar10-subset", "cifar_resnet18", 10, 64, 0.05, 5e-4, 0.05, 0.6, 0.5,
-                   "CPU demo: a quarter-width ResNet-18 on the CIFAR-10 subset shipped in the package.",
-                   model_kwargs={"channels": [16, 32, 64, 128]}),
+                   "CPU demo: a quarter-width ResNet-18 on the CIFAR-10 subset shipped in the package; ESAM "
+                   "in ESAMTrainer's default mode.",
+                   model_kwargs={"channels": [16, 32, 64, 128]}, esam_rho=0.03,
+                   options={"esam_selection": "random"}),
     # Not from the paper: a CPU benchmark where sharpness-awareness pays (benchmarks/cpu_study.py, NOTES.md):
     # 1,000 images (100 per class), no augmentation, 40 epochs; SAM at rho 0.2, ESAM at rho 0.12 = 0.2 x beta.
     "cpu-study": Recipe("cifar10-subset", "cifar_resnet18", 40, 64, 0.05, 5e-4, 0.2, 0.6, 0.5,
@@ -167,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
 
     argparse.ArgumentParser(prog="esam-hf recipes", description="List the paper's recipes (use one with "
                             "`esam-hf train --recipe NAME`).", allow_abbrev=False).parse_args(argv)
-    print("| recipe | dataset | model | epochs | batch | lr | wd | rho | beta | gamma |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| recipe | dataset | model | epochs | batch | lr | wd | SAM rho | ESAM rho | beta | gamma | ESAM selection |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in RECIPES.items():
+        esam = recipe_defaults(name, "esam")
         print(f"| {name} | {r.dataset} | {r.model} | {r.epochs} | {r.batch_size} | {r.learning_rate} | "
-              f"{r.weight_decay} | {r.rho} | {r.beta} | {r.gamma} |")
+              f"{r.weight_decay} | {r.rho} | {esam['esam_rho']} | {r.beta} | {r.gamma} | "
+              f"{esam.get('esam_selection', 'random')} |")
     notes = [(name, r.note) for name, r in RECIPES.items() if r.note]
     if notes:
         print()
