@@ -152,9 +152,9 @@ def _rank_within_groups(score: torch.Tensor, groups: torch.Tensor) -> torch.Tens
     own group that scores above it. Built from a [B, B] comparison, so it needs no host synchronisation."""
     same = groups[:, None] == groups[None, :]
     ahead = (same & (score[None, :] > score[:, None])).sum(1)
-    # Distinct fractions differ by at least 1/B^2; the score squashed below that breaks ties between
-    # groups towards the sharper example without reordering anything else.
-    return -(ahead + 0.5) / same.sum(1) + torch.sigmoid(score) / (score.numel() ** 2 + 1)
+    # Distinct fractions (a + 0.5)/n differ by at least 0.5/B^2; the score squashed below that breaks ties
+    # between groups towards the sharper example without reordering anything else.
+    return -(ahead + 0.5) / same.sum(1) + 0.5 * torch.sigmoid(score) / (score.numel() ** 2 + 1)
 
 
 class ESAM:
