@@ -142,7 +142,9 @@ def plan(argv: list[str] | None = None) -> tuple[ReproduceArguments, dict]:
             _, model_args, data_args, training_args = parse_args(_parser(recipe, optimizer, extra, opts.batch_size), run_argv)
             runs[method, seed] = (model_args, data_args, training_args)
     opts.output_dir = root
-    return opts, runs
+    # Seed by seed, every method in turn: a host whose speed drifts during the command then slows all
+    # methods alike, and the throughput ratios stay fair (method by method, the last would carry the drift).
+    return opts, {(m, s): runs[m, s] for s in opts.seed_list for m in opts.method_list}
 
 
 def run_state(model_args, data_args, training_args) -> str:
