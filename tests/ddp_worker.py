@@ -28,3 +28,7 @@ assert dist.is_initialized() and dist.get_world_size() == 2, "expected two proce
 rank = dist.get_rank()
 torch.save({"world_size": dist.get_world_size(), "state": model.state_dict(),
             "kept": trainer.state.log_history[0].get("esam/swp_kept_fraction"), "sizes": sizes}, f"{out_dir}/rank{rank}.pt")
+# Shut the process group down before exit: left to interpreter teardown, gloo's threads can abort a rank
+# ("terminate called without an active exception") after its results are saved.
+dist.barrier()
+dist.destroy_process_group()
