@@ -228,7 +228,10 @@ RUN_FILES = frozenset({
     "preprocessor_config.json", "README.md", "runs",
 })
 RUN_PATTERNS = ("checkpoint-*", "tmp-checkpoint-*", "model-*-of-*.safetensors", f"{RUN_RECORD}.tmp-*",
-                "all_results.json.tmp-*", "*.py")
+                "*_results.json.tmp-*")
+# The model code a CIFAR model saves with itself (esam_hf/models' remote-code module and what it imports);
+# any other .py file in the folder is the user's.
+RUN_FILES |= {"modeling_esam_cifar.py", "_cifar.py", "cifar_resnet.py", "cifar_wrn.py", "cifar_pyramidnet.py"}
 LOCK_NAME = ".esam_run.lock"
 # What a checkpoint needs to resume exactly: without the optimizer and scheduler the learning-rate
 # schedule restarts at its peak with fresh momentum; without the ESAM state the SWP draws repeat.

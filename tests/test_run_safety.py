@@ -47,16 +47,18 @@ def test_overwrite_deletes_nothing_but_a_run_and_only_once_the_new_run_is_built(
     assert _files(out) == before
     # Files that are not a run's are never deleted: the overwrite is refused, naming them.
     (out / "notes.txt").write_text("mine")
+    (out / "train.py").write_text("# mine")
     (out / "my_data").mkdir()
     (out / "my_data" / "train.parquet").write_bytes(b"x")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         _train(out, "--max_steps", "1", "--overwrite_output_dir")
     assert exit_.value.code == 2
-    assert "also holds my_data, notes.txt" in capsys.readouterr().err
-    assert _files(out) == {**before, "notes.txt": b"mine", "my_data/train.parquet": b"x"}
+    assert "also holds my_data, notes.txt, train.py" in capsys.readouterr().err
+    assert _files(out) == {**before, "notes.txt": b"mine", "train.py": b"# mine", "my_data/train.parquet": b"x"}
     # Never the working directory.
     (out / "notes.txt").unlink()
+    (out / "train.py").unlink()
     (out / "my_data" / "train.parquet").unlink()
     (out / "my_data").rmdir()
     monkeypatch.chdir(out)
