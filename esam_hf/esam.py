@@ -14,6 +14,12 @@ losses `scores` [B] (detached; they only rank examples, they are never trained o
   5. restore w bit-exactly from a saved copy; the caller's optimizer steps with .grad.
 
 rho = 0 is plain training; beta = gamma = 1 is SAM.
+
+Distributed: under DDP each rank perturbs with the gradient of its own batch (the ascent runs under
+`no_sync`). Under FSDP2 (`fully_shard`, sharded DTensor parameters) the gradient reaches a parameter only
+through FSDP's reduce-scatter into `.grad`, so the ascent is a `.backward()` of the global batch's
+objective (averaged over ranks), its norm is all-reduced over the shards, and each rank perturbs and
+restores its own shard; SDS still selects within each rank's batch.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 BN_STATS_MODES = ("clean", "all")
@@ -147,6 +154,40 @@ def _ascent_gradients(loss: torch.Tensor, kept: list[torch.Tensor]) -> tuple[tor
         raise
 
 
+def _sharding(model: nn.Module, params: list[torch.Tensor]):
+    """(process group of the shards, FSDP2 modules) for a model sharded with `fully_shard`, else (None, [])."""
+    sharded = [type(p).__name__ == "DTensor" for p in params]
+    if not any(sharded):
+        return None, []
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    meshes = {p.device_mesh for p in params} if all(sharded) and fsdp_modules else set()
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise NotImplementedError(
+            "ESAM supports sharded (DTensor) parameters when they are FSDP2's (fully_shard) on one 1-D device mesh, "
+            "every parameter sharded: this model mixes sharded and plain parameters, uses a multi-dimensional mesh "
+            "(HSDP, tensor parallel), or shards without fully_shard. Construct ESAM after fully_shard."
+        )
+    return next(iter(meshes)).get_group(), fsdp_modules
+
+
+def _sharded_ascent_gradients(loss: torch.Tensor, params: list[torch.Tensor], kept: list[torch.Tensor]):
+    # Under fully_shard the forward runs on all-gathered copies: autograd.grad cannot reach the sharded
+    # parameters (it returns None for them), only a backward does, through FSDP's reduce-scatter into
+    # .grad. So the descent gradient accumulated so far is set aside, the ascent lands in .grad (every
+    # weight gradient is computed: SWP saves no kernels here), and the accumulated gradient is put back.
+    accumulated = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+        return tuple(None if p.grad is None else p.grad.to_local() for p in kept)
+    finally:
+        for p, g in zip(params, accumulated):
+            p.grad = g
+
+
 def _rank_within_groups(score: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """A key whose top k are about the top k/B share of every group: minus the fraction of an example's
     own group that scores above it. Built from a [B, B] comparison, so it needs no host synchronisation."""
@@ -189,13 +230,7 @@ class ESAM:
         self.rho, self.beta, self.gamma, self.adaptive, self.bn_stats, self.eps = rho, beta, gamma, adaptive, bn_stats, eps
         self.selection = selection
         self._all_params = list(model.parameters())
-        if any(type(p).__name__ == "DTensor" for p in self._all_params):
-            # Under FSDP2 (fully_shard) torch.autograd.grad returns no gradient for sharded parameters on
-            # more than one rank: the step would silently be plain training.
-            raise NotImplementedError(
-                "ESAM does not support sharded (DTensor) parameters, e.g. FSDP2's fully_shard: the ascent gradient "
-                "would not reach them and every step would silently be plain training. Use DDP, or one device."
-            )
+        self._shard_group, self._fsdp_modules = _sharding(model, self._all_params)
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # CPU generator: drawing the SWP mask never waits for the device, and the same
         # seed gives the same mask on every rank.
@@ -242,7 +277,8 @@ class ESAM:
             backward: called on the descent loss; default `loss.backward()`. Scale for
                 gradient accumulation and mixed precision here.
             no_sync: context manager factory that stops DDP from all-reducing the ascent
-                gradient (e.g. `ddp_model.no_sync`): each rank perturbs with its own.
+                gradient (e.g. `ddp_model.no_sync`): each rank perturbs with its own. Not used
+                under FSDP2, whose ascent is the global batch's (every backward synchronises).
             grad_scaler: fp16 GradScaler: the ascent loss is scaled so small gradients
                 survive; the direction is scale-invariant.
             gamma: this step's SDS fraction instead of `self.gamma` (for schedules).
@@ -263,12 +299,19 @@ class ESAM:
             self.last_selection = None
             return loss.detach()
 
-        with no_sync() if no_sync else contextlib.nullcontext():
+        sharded = bool(self._fsdp_modules)
+        if sharded:
+            self._require_gradient_sync()
+        with no_sync() if no_sync and not sharded else contextlib.nullcontext():
             loss, clean_scores = loss_fn(batch)
             scale = grad_scaler.scale(torch.ones((), device=loss.device)) if grad_scaler else None
-            grads = _ascent_gradients(loss * scale if scale is not None else loss, kept)
+            scaled = loss * scale if scale is not None else loss
+            grads = _sharded_ascent_gradients(scaled, params, kept) if sharded else _ascent_gradients(scaled, kept)
         loss = loss.detach()
         kept, grads = [p for p, g in zip(kept, grads) if g is not None], [g for g in grads if g is not None]
+        if sharded:  # perturb and restore each rank's own shard
+            with torch.no_grad():
+                kept = [p.to_local() for p in kept]
         if kept:
             self._no_gradient_steps = 0
             backup, norm, finite = self._perturb(kept, grads)
@@ -303,6 +346,13 @@ class ESAM:
         self._record(norm if scale is None else norm / scale, finite, rise, len(kept) / len(params))
         self.last_selection = index
         return loss
+
+    def _require_gradient_sync(self) -> None:
+        # The ascent needs the reduce-scattered gradient, and a backward without sync would leave an
+        # unsharded partial sum inside FSDP that the next synchronised backward folds in: every backward of
+        # an ESAM step synchronises, accumulation micro-batches included (one reduce-scatter each).
+        for module in self._fsdp_modules:
+            module.set_requires_gradient_sync(True, recurse=False)
 
     def _check_gradient_reaches(self) -> None:
         """No ascent gradient reached any kept tensor. An SWP draw of only unused tensors (an unused branch)
@@ -364,6 +414,10 @@ class ESAM:
             w_abs = backup.abs()
             g.mul_(w_abs)
         norm = torch.linalg.vector_norm(g)
+        if self._shard_group is not None:  # the norm over every rank's shard
+            norm = norm.square()
+            dist.all_reduce(norm, group=self._shard_group)
+            norm = norm.sqrt()
         finite = torch.isfinite(norm)
         scale = torch.where(finite, self.rho / self.beta / (norm + self.eps), 0.0)
         if self.adaptive:

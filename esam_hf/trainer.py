@@ -130,11 +130,14 @@ class ESAMTrainer(Trainer):
 
     def __init__(self, *args, per_example_loss_func: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.n_gpu > 1:
+        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and fsdp_version != 2) or self.args.n_gpu > 1:
             raise ValueError(
-                "ESAMTrainer supports one device (CPU or GPU) and multi-GPU DDP (`accelerate launch` or "
-                "`torchrun`); DeepSpeed, FSDP and single-process DataParallel are not supported: ESAM "
-                "perturbs and restores whole parameters between two backward passes."
+                "ESAMTrainer supports one device (CPU or GPU), multi-GPU DDP (`accelerate launch` or `torchrun`) and "
+                "FSDP2 (fsdp_config={'version': 2}, or fsdp_version: 2 in an accelerate config); DeepSpeed, FSDP1 "
+                "and single-process DataParallel are not supported: ESAM perturbs and restores the parameters "
+                "between two backward passes, which needs the gradient to reach them as torch tensors or FSDP2 "
+                "shards."
             )
         if getattr(self.args, "predict_with_generate", False) and not isinstance(self, Seq2SeqTrainer):
             raise ValueError(
@@ -192,7 +195,7 @@ class ESAMTrainer(Trainer):
         # have no norm kernel, and frozen ones keep their values).
         params = [p for p in self.model.parameters()
                   if p.requires_grad and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
-        if reason is None and params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+        if reason is None and params and not _all_finite(params):
             reason = "the weights are no longer finite (NaN or infinite) at the end of training"
         if reason is not None:
             raise TrainingDiverged(f"training diverged: {reason}. Lower the learning rate or weight decay, or check "
@@ -487,6 +490,28 @@ def _naming_damaged_checkpoint(path: str | None, what: str):
 
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) tensor; any other tensor as it is."""
+    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
+
+
+def _sum_over_shards(value: torch.Tensor, params) -> torch.Tensor:
+    """`value` summed over the ranks sharing the parameters' FSDP2 mesh (unchanged when they are not sharded)."""
+    sharded = next((p for p in params if type(p).__name__ == "DTensor"), None)
+    if sharded is None:
+        return value
+    value = value.clone()
+    torch.distributed.all_reduce(value, group=sharded.device_mesh.get_group())
+    return value
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every weight is finite, on every rank's shard (one host read)."""
+    local = [_local(p).detach() for p in params]
+    bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local)))).sum().float()
+    return not bool(_sum_over_shards(bad, params))
+
+
 class NonFiniteGradientGuard(TrainerCallback):
     """Keeps a non-finite gradient from reaching the weights, and stops training as diverged after
     NONFINITE_PATIENCE optimizer steps in a row with one, without reading anything on the host
@@ -512,13 +537,17 @@ class NonFiniteGradientGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None or self.scaler is not None:
             return
-        grads = [p.grad if p.grad.layout == torch.strided else p.grad._values()
+        grads = [_local(p.grad) if p.grad.layout == torch.strided else p.grad._values()
                  for p in model.parameters() if p.grad is not None]
         if not grads:
             return
         norm = self.grad_norm
         if not isinstance(norm, torch.Tensor):  # a Trainer that did not compute it: one pass over the gradients
             norm = torch.stack(torch._foreach_norm(grads)).norm()
+            # Under FSDP2 each rank holds a shard: every rank must take the same decision.
+            norm = _sum_over_shards(norm, model.parameters())
+        if type(norm).__name__ == "DTensor":  # a norm left as partial sums over the shards
+            norm = norm.full_tensor()
         bad = ~torch.isfinite(norm.detach().to(grads[0].device))
         # No foreach op zeroes NaN (NaN * 0 is NaN): one masked_fill_ per tensor, queued without a sync.
         for g in grads:

@@ -1,5 +1,10 @@
 """Small models, data and a sequential-order Trainer shared by the tests."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -9,6 +14,8 @@ from torch.utils.data import SequentialSampler
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from esam_hf import ESAMTrainer, ESAMTrainingArguments
+
+HERE = Path(__file__).resolve().parent
 
 
 class TinyConvNet(nn.Module):
@@ -105,3 +112,26 @@ def train(trainer_cls, model, args, data, make_optimizer=sgd, **kwargs):
 
 def params_of(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# Failures of the launcher's sockets, not of the code under test: worth one more try on a new port.
+_INFRA_ERRORS = ("Address already in use", "Connection reset", "Connection refused", "timed out", "Broken pipe")
+
+
+def run_two_processes(out_dir, mode, worker="ddp_worker.py", attempts=2):
+    """Runs tests/`worker` OUT_DIR MODE in two torchrun processes (CPU, gloo); returns what each rank saved."""
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for attempt in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(HERE / worker), str(out_dir), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        output = proc.stdout[-3000:] + proc.stderr[-3000:]
+        if proc.returncode == 0 or not any(e in output for e in _INFRA_ERRORS):
+            break
+        print(f"launcher failed on attempt {attempt + 1}, retrying:\n{output}")
+    assert proc.returncode == 0, output
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

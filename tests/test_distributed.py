@@ -1,38 +1,8 @@
 """Two real processes on CPU (gloo) via torchrun."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
-from helpers import PlainNet, SeqESAMTrainer, TinyConvNet, make_args, make_data, train
-
-HERE = Path(__file__).resolve().parent
-
-
-# Failures of the launcher's sockets, not of the code under test: worth one more try on a new port.
-_INFRA_ERRORS = ("Address already in use", "Connection reset", "Connection refused", "timed out", "Broken pipe")
-
-
-def run_two_processes(out_dir, mode, attempts=2):
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    for attempt in range(attempts):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(HERE / "ddp_worker.py"), str(out_dir), mode]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        output = proc.stdout[-3000:] + proc.stderr[-3000:]
-        if proc.returncode == 0 or not any(e in output for e in _INFRA_ERRORS):
-            break
-        print(f"launcher failed on attempt {attempt + 1}, retrying:\n{output}")
-    assert proc.returncode == 0, output
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+from helpers import PlainNet, SeqESAMTrainer, TinyConvNet, make_args, make_data, run_two_processes, train
 
 
 def test_esam_keeps_ranks_identical(tmp_path):

@@ -597,14 +597,14 @@ def test_an_ascent_that_reaches_no_perturbed_tensor_is_an_error_not_a_plain_step
             esam.step(loss_fn_for(other), batch())
 
 
-def test_sharded_parameters_are_refused(monkeypatch):
-    class DTensor(torch.nn.Parameter):  # stands in for torch.distributed.tensor.DTensor (FSDP2's parameters)
+def test_sharded_parameters_other_than_fully_shard_are_refused():
+    class DTensor(torch.nn.Parameter):  # stands in for torch.distributed.tensor.DTensor, sharded by hand
         pass
 
     model = torch.nn.Linear(3, 2)
     model.weight = DTensor(model.weight.detach())
-    with pytest.raises(NotImplementedError, match="sharded .DTensor. parameters, e.g. FSDP2's fully_shard"):
-        ESAM(model)
+    with pytest.raises(NotImplementedError, match=r"FSDP2's \(fully_shard\) on one 1-D device mesh"):
+        ESAM(model)  # (fully_shard itself: tests/test_fsdp.py)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
