@@ -680,21 +680,10 @@ def _csv(text: str | None) -> list[str]:
 
 
 @dataclasses.dataclass(kw_only=True)
-class LandscapeArguments:
-    """Options of ``esam-hf landscape``. List options are comma-separated strings
-    (``--models runs/sgd,runs/esam``), as in ``esam-hf reproduce --methods``."""
+class LandscapeOptions:
+    """How the landscape is measured: shared by ``esam-hf landscape`` and ``esam-hf reproduce --landscape``."""
 
-    models: str = dataclasses.field(
-        metadata={"help": "Comma-separated saved model folders (each holding config.json), e.g. runs/sgd,runs/esam."}
-    )
-    names: str | None = dataclasses.field(
-        default=None, metadata={"help": "Comma-separated labels, one distinct per model (default: the folder names)."}
-    )
-    dataset: str = dataclasses.field(
-        metadata={"help": "Dataset name or path; a fixed, un-augmented subset of its training split is the loss."}
-    )
-    samples: int = dataclasses.field(default=512, metadata={"help": "Training images in that subset (>= 1)."})
-    batch_size: int = dataclasses.field(default=128, metadata={"help": "Images per forward pass (>= 1)."})
+    samples: int = dataclasses.field(default=512, metadata={"help": "Training images in the landscape's loss subset (>= 1)."})
     hessian_max_iters: int = dataclasses.field(
         default=100,
         metadata={"help": "Cap on power iterations for the top Hessian eigenvalue (>= 1); a second run, "
@@ -710,13 +699,47 @@ class LandscapeArguments:
                           "(the 1-D slice gets 2*grid-1)."},
     )
     no_2d: bool = dataclasses.field(default=False, metadata={"help": "1-D slices and eigenvalues only."})
-    seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the random directions and of the subset."})
-    output_dir: str = dataclasses.field(metadata={"help": "Folder for landscape_1d.png, landscape_2d.png and landscape.json."})
 
     def __post_init__(self):
         problems = self._problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """Every invalid option, each with its allowed range (empty when all are valid)."""
+        problems = [f"--{name} must be an integer >= 1, got {getattr(self, name)}"
+                    for name in ("samples", "hessian_max_iters") if getattr(self, name) < 1]
+        if not 0 < self.hessian_tol < 1:
+            problems.append(f"--hessian_tol must be in (0, 1), got {self.hessian_tol}")
+        if self.grid < 3 or self.grid % 2 == 0:
+            problems.append(
+                "--grid must be an odd integer >= 3 (so the trained weights, alpha = 0, are its middle point), "
+                f"got {self.grid}"
+            )
+        return problems
+
+    def landscape_argv(self) -> list[str]:
+        """These options as ``esam-hf landscape`` flags."""
+        return [f"--{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(LandscapeOptions)]
+
+
+@dataclasses.dataclass(kw_only=True)
+class LandscapeArguments(LandscapeOptions):
+    """Options of ``esam-hf landscape``. List options are comma-separated strings
+    (``--models runs/sgd,runs/esam``), as in ``esam-hf reproduce --methods``."""
+
+    models: str = dataclasses.field(
+        metadata={"help": "Comma-separated saved model folders (each holding config.json), e.g. runs/sgd,runs/esam."}
+    )
+    names: str | None = dataclasses.field(
+        default=None, metadata={"help": "Comma-separated labels, one distinct per model (default: the folder names)."}
+    )
+    dataset: str = dataclasses.field(
+        metadata={"help": "Dataset name or path; a fixed, un-augmented subset of its training split is the loss."}
+    )
+    batch_size: int = dataclasses.field(default=128, metadata={"help": "Images per forward pass (>= 1)."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the random directions and of the subset."})
+    output_dir: str = dataclasses.field(metadata={"help": "Folder for landscape_1d.png, landscape_2d.png and landscape.json."})
 
     @property
     def model_paths(self) -> list[str]:
@@ -727,19 +750,9 @@ class LandscapeArguments:
         return _csv(self.names) or [os.path.basename(os.path.normpath(p)) for p in self.model_paths]
 
     def _problems(self) -> list[str]:
-        """Every invalid option, each with its allowed range (empty when all are valid)."""
-        problems = [
-            f"--{name} must be an integer >= 1, got {getattr(self, name)}"
-            for name in ("samples", "batch_size", "hessian_max_iters")
-            if getattr(self, name) < 1
-        ]
-        if not 0 < self.hessian_tol < 1:
-            problems.append(f"--hessian_tol must be in (0, 1), got {self.hessian_tol}")
-        if self.grid < 3 or self.grid % 2 == 0:
-            problems.append(
-                "--grid must be an odd integer >= 3 (so the trained weights, alpha = 0, are its middle point), "
-                f"got {self.grid}"
-            )
+        problems = super()._problems()
+        if self.batch_size < 1:
+            problems.append(f"--batch_size must be an integer >= 1, got {self.batch_size}")
         if not self.model_paths:
             problems.append("--models must name at least one saved model folder")
         problems += [
@@ -847,10 +860,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def reproduce_landscape(output_dir: str, methods: list[str], dataset: str, seed: int = 0,
-                        extra_argv: list[str] | None = None) -> dict:
+                        options: LandscapeOptions | None = None) -> dict:
     """`main` on one model per method of a `reproduce` output folder, into output_dir/landscape."""
     from .reproduce import run_dir
 
     return main(["--models", ",".join(run_dir(output_dir, m, seed) for m in methods),
                  "--names", ",".join(methods), "--dataset", dataset,
-                 "--output_dir", os.path.join(output_dir, "landscape"), *(extra_argv or [])])
+                 "--output_dir", os.path.join(output_dir, "landscape"), *(options or LandscapeOptions()).landscape_argv()])

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
+from .landscape import LandscapeOptions
 from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, warmup_fraction
 from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_problem, checkpoints, read_record,
                   restore_card, run_settings, settings_differences, train_image_classifier, write_json)
@@ -77,6 +78,11 @@ class ReproduceArguments:
             raise ValueError(f"--batch_size must be an integer >= 1 (the global batch), got {self.batch_size}")
 
 
+@dataclass(kw_only=True)
+class LandscapeGroup(LandscapeOptions):
+    _argument_group_name = "landscape (with --landscape)"
+
+
 # --------------------------------------------------------------------------- #
 # Planning the runs
 # --------------------------------------------------------------------------- #
@@ -108,7 +114,8 @@ def _parser(recipe: str, optimizer: str, extra: dict, batch_size: int | None):
                 **recipe_defaults(recipe, optimizer), **extra, "output_dir": os.path.join("outputs", f"reproduce-{recipe}"),
                 "per_device_train_batch_size": max(1, batch // world_size), "learning_rate": lr, **warmup_fraction(warmup)}
     return make_parser(
-        [ReproduceArguments, ModelArguments, DataArguments, ESAMTrainingArguments], prog=PROG, defaults=defaults,
+        [ReproduceArguments, LandscapeGroup, ModelArguments, DataArguments, ESAMTrainingArguments], prog=PROG,
+        defaults=defaults,
         first_group=("ESAM (sharpness-aware minimization)", "esam_"),
         description="Train SGD, SAM and ESAM (--methods) on one recipe over several seeds (--seeds) into "
                     "OUTPUT_DIR/<method>-seed<seed>; then tables and plots.",
@@ -126,7 +133,8 @@ def plan(argv: list[str] | None = None) -> tuple[ReproduceArguments, dict]:
         argv = argument_file_flags(pre, argv[0])
     recipe = pre.parse_known_args(argv)[0].recipe  # sets the defaults
     first = _parser(recipe, "esam", {}, None)
-    opts, *_, training = parse_args(first, argv, trains=True)  # validates every option before any work
+    opts, landscape, *_, training = parse_args(first, argv, trains=True)  # validates every option before any work
+    opts.landscape_options = landscape
     if "seed" in explicit_options(first, argv):
         first.error("--seed: reproduce trains every seed of --seeds (e.g. --seeds 0,1,2); drop --seed")
     root = training.output_dir
@@ -139,7 +147,8 @@ def plan(argv: list[str] | None = None) -> tuple[ReproduceArguments, dict]:
         defining += [f"--{name}={value}" for name, value in extra.items() if name != "esam_rho"]
         for seed in opts.seed_list:
             run_argv = [*argv, f"--output_dir={run_dir(root, method, seed)}", f"--seed={seed}", *defining]
-            _, model_args, data_args, training_args = parse_args(_parser(recipe, optimizer, extra, opts.batch_size), run_argv)
+            _, _, model_args, data_args, training_args = parse_args(_parser(recipe, optimizer, extra, opts.batch_size),
+                                                                    run_argv)
             runs[method, seed] = (model_args, data_args, training_args)
     opts.output_dir = root
     # Seed by seed, every method in turn: a host whose speed drifts during the command then slows all
@@ -397,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         from .landscape import reproduce_landscape
 
         results["landscape"] = reproduce_landscape(opts.output_dir, opts.method_list, results["dataset"],
-                                                   seed=opts.seed_list[0])
+                                                   seed=opts.seed_list[0], options=opts.landscape_options)
     return results
 
 

@@ -77,6 +77,8 @@ def test_passthrough_flags_reach_every_run_but_keep_each_method_itself(tmp_path)
     (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
     (["--batch_size", "0"], "--batch_size must be an integer >= 1"),
     (["--num_train_epochs", "0"], "num_train_epochs must be a finite number > 0"),
+    (["--landscape", "--grid", "4"], "--grid must be an odd integer >= 3"),
+    (["--landscape", "--samples", "0"], "--samples must be an integer >= 1"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, argv, match, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -211,6 +213,22 @@ def test_resume_mid_run_continues_timeline(tmp_path, capsys):
     assert second[1]["train_seconds"] > second[0]["train_seconds"]
     steps = [h["step"] for h in _read(run / "trainer_state.json")["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4]  # epoch 1's logs from the checkpoint, then epoch 2's, each once
+
+
+def test_landscape_after_reproduce_takes_the_landscape_options(reproduced):
+    out, _ = reproduced
+    before = {m: os.path.getmtime(out / f"{m}-seed0" / "model.safetensors") for m in METHODS}
+    results = main(_argv(out, "--landscape", "--samples", "16", "--grid", "3", "--hessian_max_iters", "2",
+                         "--hessian_tol", "0.5", "--no_2d"))
+    on_disk = _read(out / "landscape" / "landscape.json")
+    assert results["landscape"]["hessian_max_iters"] == on_disk["hessian_max_iters"] == 2
+    assert on_disk["hessian_tol"] == 0.5
+    assert set(on_disk["models"]) == set(METHODS)
+    for entry in on_disk["models"].values():
+        assert entry["landscape_1d"]["alphas"] == [-1.0, -0.5, 0.0, 0.5, 1.0]  # 2 * grid - 1 points
+        assert "landscape_2d" not in entry and entry["hessian_iterations"] <= 2
+    assert (out / "landscape" / "landscape_1d.png").is_file() and not (out / "landscape" / "landscape_2d.png").exists()
+    assert before == {m: os.path.getmtime(out / f"{m}-seed0" / "model.safetensors") for m in METHODS}  # not retrained
 
 
 def test_runs_of_one_seed_start_from_the_same_weights(reproduced):
