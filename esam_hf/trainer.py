@@ -537,6 +537,7 @@ class NonFiniteGradientGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None or self.scaler is not None:
             return
+        # FSDP2 shards: plain ops on the local tensors, without DTensor's per-op dispatch on the host.
         grads = [_local(p.grad) if p.grad.layout == torch.strided else p.grad._values()
                  for p in model.parameters() if p.grad is not None]
         if not grads:

@@ -88,6 +88,7 @@ def trainer():
              for name, p in trainer.model.named_parameters()}
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {"state": state, "sharded": type(next(trainer.model.parameters())).__name__,
+            "skipped": trainer.nonfinite_guard.skipped,
             "kept": [h.get("esam/swp_kept_fraction") for h in logs], "losses": [h["loss"] for h in logs]}
 
 

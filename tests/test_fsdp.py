@@ -88,11 +88,13 @@ def single_process_run(tmp_path, mode):
     return trainer
 
 
-@pytest.mark.parametrize("mode", ["trainer", "trainer_accum", "trainer_ram", "trainer_resume", "trainer_bf16"])
+@pytest.mark.parametrize("mode", ["trainer", "trainer_accum", "trainer_ram", "trainer_resume", "trainer_bf16",
+                                  "trainer_nan"])
 def test_esam_trainer_under_fsdp2_equals_one_process_on_the_global_batch(tmp_path, mode):
     """Two ranks sharded by the Trainer's FSDP2 (accelerate) train as one process on their joint batches: the
     ascent is the global batch's, SWP draws the same tensors; with accumulation, with rank-0 loading
-    (cpu_ram_efficient_loading), stopped at a checkpoint then resumed by a fresh trainer, and in bf16."""
+    (cpu_ram_efficient_loading), stopped at a checkpoint then resumed by a fresh trainer, in bf16, and with a
+    NaN image in one rank's batch (its step runs on a zero gradient on every rank, as in one process)."""
     ranks = run_two_processes(tmp_path, mode, worker="fsdp_worker.py")
     single = single_process_run(tmp_path, mode.replace("_resume", ""))
     initial = trainer_case(str(tmp_path / "unused"), mode, fsdp=False)[0].state_dict()
@@ -105,6 +107,8 @@ def test_esam_trainer_under_fsdp2_equals_one_process_on_the_global_batch(tmp_pat
                 assert (r["state"][name] - p.detach()).abs().max() <= 0.05 * update + 1e-6, name
             else:
                 torch.testing.assert_close(r["state"][name], p.detach(), rtol=1e-4, atol=2e-6, msg=name)
+        assert r["skipped"] == single.nonfinite_guard.skipped == (1 if mode == "trainer_nan" else 0)
+        assert all(torch.isfinite(v).all() for v in r["state"].values())
         if mode != "trainer_resume":  # (the resumed half logs only its own steps)
             assert r["kept"] == [h["esam/swp_kept_fraction"] for h in single_logs]
     assert any(not torch.equal(single.model.state_dict()[n], initial[n]) for n in initial)
