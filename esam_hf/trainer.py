@@ -432,6 +432,14 @@ class ESAMTrainer(Trainer):
         self.nonfinite_guard.grad_norm = grad_norm  # its finite flag, without a second pass over the gradients
         return grad_norm
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is not None and not _internal_call and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            # With sharded checkpoints (state_dict_type SHARDED_STATE_DICT) Trainer.save_model writes nothing at
+            # all; gather the weights on rank 0 (every rank takes part) and write the folder from_pretrained reads.
+            self._save(output_dir or self.args.output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+
     def _save_checkpoint(self, model, trial) -> None:
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         try:

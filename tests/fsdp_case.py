@@ -47,10 +47,12 @@ def trainer_case(output_dir: str, mode: str, fsdp: bool):
     per_device = 8 // accumulation
     overrides = dict(per_device_train_batch_size=per_device * (1 if fsdp else WORLD), gradient_accumulation_steps=accumulation,
                      max_steps=4, optim="sgd", optim_args="momentum=0.9", learning_rate=0.1, esam_rho=0.05, esam_beta=0.6, esam_gamma=1.0,
-                     bf16="bf16" in mode, save_strategy="steps" if mode.endswith("_resume") else "no", save_steps=2)
+                     bf16="bf16" in mode, save_strategy="steps" if "_resume" in mode else "no", save_steps=2)
     if fsdp:
         overrides.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"],
-                                                         "cpu_ram_efficient_loading": "ram" in mode})
+                                                         "cpu_ram_efficient_loading": "ram" in mode,
+                                                         "state_dict_type": "SHARDED_STATE_DICT" if "sharded" in mode
+                                                         else "FULL_STATE_DICT"})
     data = make_data(64)
     if "nan" in mode:  # one image of the second global batch: its gradient is NaN on every rank after the reduce
         data[20] = {**data[20], "pixel_values": torch.full_like(data[20]["pixel_values"], float("nan"))}

@@ -4,6 +4,7 @@ Mode "core": ESAM steps of the torch core (each of fsdp_case.MODES) on a float64
 `fully_shard`; each rank saves the full gradients it ends with. Modes "trainer..." train a tiny ViT
 with ESAMTrainer under the Trainer's FSDP2 (fsdp_config version 2); each rank saves its full weights."""
 
+import os
 import sys
 
 import torch
@@ -76,19 +77,20 @@ def trainer():
     enable_fsdp_on_cpu()
 
     model, args, data = trainer_case(f"{out_dir}/run", mode, fsdp=True)
-    resume = mode.endswith("_resume")
+    resume = "_resume" in mode
     if resume:  # the first half, then a fresh trainer continues from its checkpoint
         args.max_steps = 2
         SeqESAMTrainer(model=model, args=args, train_dataset=data).train()
         model, args, data = trainer_case(f"{out_dir}/run", mode, fsdp=True)
     trainer = SeqESAMTrainer(model=model, args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=f"{out_dir}/run/checkpoint-2" if resume else None)
+    checkpoint = sorted(os.listdir(f"{out_dir}/run/checkpoint-2")) if resume else None
     trainer.save_model(f"{out_dir}/saved")
     state = {name: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach().clone()
              for name, p in trainer.model.named_parameters()}
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {"state": state, "sharded": type(next(trainer.model.parameters())).__name__,
-            "skipped": trainer.nonfinite_guard.skipped,
+            "skipped": trainer.nonfinite_guard.skipped, "checkpoint": checkpoint,
             "kept": [h.get("esam/swp_kept_fraction") for h in logs], "losses": [h["loss"] for h in logs]}
 
 

@@ -88,15 +88,15 @@ def single_process_run(tmp_path, mode):
     return trainer
 
 
-@pytest.mark.parametrize("mode", ["trainer", "trainer_accum", "trainer_ram", "trainer_resume", "trainer_bf16",
-                                  "trainer_nan"])
+@pytest.mark.parametrize("mode", ["trainer", "trainer_accum", "trainer_ram", "trainer_resume", "trainer_sharded_resume",
+                                  "trainer_bf16", "trainer_nan"])
 def test_esam_trainer_under_fsdp2_equals_one_process_on_the_global_batch(tmp_path, mode):
     """Two ranks sharded by the Trainer's FSDP2 (accelerate) train as one process on their joint batches: the
     ascent is the global batch's, SWP draws the same tensors; with accumulation, with rank-0 loading
     (cpu_ram_efficient_loading), stopped at a checkpoint then resumed by a fresh trainer, in bf16, and with a
     NaN image in one rank's batch (its step runs on a zero gradient on every rank, as in one process)."""
     ranks = run_two_processes(tmp_path, mode, worker="fsdp_worker.py")
-    single = single_process_run(tmp_path, mode.replace("_resume", ""))
+    single = single_process_run(tmp_path, mode.replace("_resume", "").replace("_sharded", ""))
     initial = trainer_case(str(tmp_path / "unused"), mode, fsdp=False)[0].state_dict()
     single_logs = [h for h in single.state.log_history if "loss" in h]
     for r in ranks:
@@ -109,10 +109,14 @@ def test_esam_trainer_under_fsdp2_equals_one_process_on_the_global_batch(tmp_pat
                 torch.testing.assert_close(r["state"][name], p.detach(), rtol=1e-4, atol=2e-6, msg=name)
         assert r["skipped"] == single.nonfinite_guard.skipped == (1 if mode == "trainer_nan" else 0)
         assert all(torch.isfinite(v).all() for v in r["state"].values())
-        if mode != "trainer_resume":  # (the resumed half logs only its own steps)
+        if "resume" in mode:  # ESAM's state beside FSDP's (sharded: one file per rank in a folder)
+            assert "esam_state.pt" in r["checkpoint"]
+            assert ("pytorch_model_fsdp_0" in r["checkpoint"]) == ("sharded" in mode), r["checkpoint"]
+        else:  # (the resumed half logs only its own steps)
             assert r["kept"] == [h["esam/swp_kept_fraction"] for h in single_logs]
     assert any(not torch.equal(single.model.state_dict()[n], initial[n]) for n in initial)
-    # save_model under FSDP2 writes a normal folder the Auto classes load, holding the trained weights.
+    # save_model under FSDP2 writes a normal folder the Auto classes load, holding the trained weights (with
+    # sharded checkpoints too, where Trainer.save_model alone writes nothing).
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
     for name, p in reloaded.named_parameters():
         torch.testing.assert_close(p.detach(), ranks[0]["state"][name], rtol=0, atol=0, msg=name)
