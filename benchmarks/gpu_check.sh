@@ -2,7 +2,8 @@
 # Everything owed on a lent GPU, in one call of at most ~9 minutes (one H200/H100):
 #   1. `esam-hf bench`: the three GPU settings (SGD, SAM, ESAM, random selection; interleaved repeats);
 #   2. `benchmarks/profile_step.py`: one profiled step per method (ResNet-18, batch 512, bf16, channels_last);
-#   3. `esam-hf reproduce`: ResNet-18 on complete CIFAR-10, batch 512 bf16 channels_last, SGD, SAM, ESAM
+#   3. `benchmarks/fsdp_check.py`: ESAMTrainer under the Trainer's FSDP2 against one process without it;
+#   4. `esam-hf reproduce`: ResNet-18 on complete CIFAR-10, batch 512 bf16 channels_last, SGD, SAM, ESAM
 #      and random selection, one seed, toward 30 epochs, for as long as the budget allows. The runs live
 #      in .gpu_check/ (git-ignored), so a second call on the still-warm machine resumes them from their
 #      last epoch checkpoint; each call's summary says how many epochs each run reached.
@@ -79,9 +80,11 @@ part() {  # part NAME SHARE_SECONDS command...: run with a time limit; a part cu
 echo "# gpu_check $(date +%F) on $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["device"])' "$OUT/env.json")" > "$OUT/summary.md"
 part bench $(( $(left) * 30 / 100 )) esam-hf bench "${BENCH[@]}" --dataset "$DATA" --output_dir "$OUT/bench"
 part profile $(( $(left) * 25 / 100 )) python3 benchmarks/profile_step.py "${PROFILE[@]}" --json "$OUT/profile.json"
+part fsdp2 60 python3 benchmarks/fsdp_check.py --out "$OUT/fsdp2" $([ "$DRY" = 1 ] && echo --dry-run)
 part reproduce $(( $(left) - 20 )) esam-hf reproduce "${REPRO[@]}" --dataset "$DATA" --output_dir "$RUNS"
 
 { echo; echo "## bench"; cat "$OUT/bench/throughput.md" 2>/dev/null || echo "(none)"
+  echo; echo "## FSDP2 against one process"; cat "$OUT/fsdp2/fsdp_check.json" 2>/dev/null || echo "(none)"
   echo; echo "## reproduce (epochs reached per run)"
   for run in "$RUNS"/*/; do
     [ -d "$run" ] || continue

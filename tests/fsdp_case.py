@@ -31,10 +31,32 @@ def rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(ACCUMULATION)]
 
 
-def trainer_case(output_dir: str, mode: str, fsdp: bool):
-    """(model, args, data) of an ESAMTrainer run on a tiny ViT: under FSDP2 on 2 ranks with `per_device`
+def enable_fsdp_on_cpu():
+    """accelerate (1.16) turns FSDP on only for accelerator devices: on CPU it drops the Trainer's fsdp_config
+    without a word and trains DDP. Switch FSDP on for the gloo CPU state as it would for GPUs, so the rest of the
+    real path runs here: accelerate's fully_shard of the model, the Trainer's FSDP2 checkpointing and saving."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate does on GPUs
+
+    AcceleratorState.__init__ = patched
+
+
+def trainer_case(output_dir: str, mode: str, fsdp: bool, world: int = WORLD, **extra):
+    """(model, args, data) of an ESAMTrainer run on a tiny ViT: under FSDP2 on `world` ranks with `per_device`
     examples each (fsdp=True), or in one process on the same global batches (fsdp=False). SDS is off
-    (gamma 1): it selects within each rank's batch, which one process cannot replay; SWP is on."""
+    (gamma 1): it selects within each rank's batch, which one process cannot replay; SWP is on. `extra`
+    overrides training arguments (benchmarks/fsdp_check.py runs the case on a GPU)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     from helpers import make_args, make_data
@@ -45,7 +67,7 @@ def trainer_case(output_dir: str, mode: str, fsdp: bool):
     model = ViTForImageClassification(config)
     accumulation = 2 if "accum" in mode else 1
     per_device = 8 // accumulation
-    overrides = dict(per_device_train_batch_size=per_device * (1 if fsdp else WORLD), gradient_accumulation_steps=accumulation,
+    overrides = dict(per_device_train_batch_size=per_device * (1 if fsdp else world), gradient_accumulation_steps=accumulation,
                      max_steps=4, optim="sgd", optim_args="momentum=0.9", learning_rate=0.1, esam_rho=0.05, esam_beta=0.6, esam_gamma=1.0,
                      bf16="bf16" in mode, save_strategy="steps" if "_resume" in mode else "no", save_steps=2)
     if fsdp:
@@ -56,4 +78,4 @@ def trainer_case(output_dir: str, mode: str, fsdp: bool):
     data = make_data(64)
     if "nan" in mode:  # one image of the second global batch: its gradient is NaN on every rank after the reduce
         data[20] = {**data[20], "pixel_values": torch.full_like(data[20]["pixel_values"], float("nan"))}
-    return model, make_args(output_dir, **overrides), data
+    return model, make_args(output_dir, **{**overrides, **extra}), data

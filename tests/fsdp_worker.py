@@ -49,29 +49,8 @@ def core_mode(mode):
     }
 
 
-def enable_fsdp_on_cpu():
-    """accelerate (1.16) turns FSDP on only for accelerator devices: on CPU it drops the Trainer's fsdp_config
-    without a word and trains DDP. Switch FSDP on for the gloo CPU state as it would for GPUs, so the rest of the
-    real path runs here: accelerate's fully_shard of the model, the Trainer's FSDP2 checkpointing and saving."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    init = AcceleratorState.__init__
-
-    def patched(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            if self._mixed_precision != "no":
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate does on GPUs
-
-    AcceleratorState.__init__ = patched
-
-
 def trainer():
-    from fsdp_case import trainer_case
+    from fsdp_case import enable_fsdp_on_cpu, trainer_case
     from helpers import SeqESAMTrainer
 
     enable_fsdp_on_cpu()

@@ -18,11 +18,13 @@ def test_gpu_check_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.md").read_text()
-    for part in ("bench", "profile", "reproduce"):
+    for part in ("bench", "profile", "fsdp2", "reproduce"):
         assert f"[gpu_check] {part}: exit 0" in summary, summary
     assert json.loads((out / "env.json").read_text())["dry_run"] is True
     assert "| sgd | 1 |" in summary and "esam_random-seed0: finished" in summary
     assert json.loads((out / "profile.json").read_text())
+    fsdp = json.loads((out / "fsdp2" / "fsdp_check.json").read_text())
+    assert fsdp["agree"] and fsdp["fsdp"]["parameter_type"] == "DTensor" and fsdp["fsdp"]["world"] == 2
     assert (out / "runs" / "sgd-seed0" / "esam_run.json").is_file()
 
 
