@@ -354,7 +354,8 @@ def plot_curves(runs: dict[str, dict[int, dict]], out_dir: str, title: str) -> l
         for method, by_seed in runs.items():
             timelines = [r["timeline"] for r in by_seed.values() if r["status"] == "finished"]
             xs, mean, low, high = _curve_band(timelines, x, y)
-            line, = ax.plot(xs, [scale * v for v in mean], marker="o", markersize=3, label=f"{method} ({len(timelines)} seeds)")
+            seeds = f"{len(timelines)} seed" + ("s" if len(timelines) != 1 else "")
+            line, = ax.plot(xs, [scale * v for v in mean], marker="o", markersize=3, label=f"{method} ({seeds})")
             if len(timelines) > 1:
                 ax.fill_between(xs, [scale * v for v in low], [scale * v for v in high], color=line.get_color(), alpha=0.2)
         ax.set(xlabel=xlabel, ylabel=ylabel)
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         usage_error(PROG, str(e))
     recipe = get_recipe(opts.recipe)
-    first_args = next(iter(runs.values()))[2]
+    _, first_data, first_args = next(iter(runs.values()))
     batch = first_args.per_device_train_batch_size * first_args.world_size * first_args.gradient_accumulation_steps
     if batch != recipe.batch_size:
         print(f"[reproduce] global batch {batch} instead of the recipe's {recipe.batch_size}: learning rate "
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.landscape:
         from .landscape import reproduce_landscape
 
-        results["landscape"] = reproduce_landscape(opts.output_dir, opts.method_list, results["dataset"],
+        results["landscape"] = reproduce_landscape(opts.output_dir, opts.method_list, first_data.dataset,
                                                    seed=opts.seed_list[0], options=opts.landscape_options)
     return results
 
@@ -423,31 +424,41 @@ def write_results(opts: ReproduceArguments, runs: dict) -> dict:
     from .benchmark import environment
 
     loaded = {m: {s: load_run(runs[m, s][2].output_dir) for s in opts.seed_list} for m in opts.method_list}
-    summary, env = summarize(loaded), environment()
     model_args, data_args, training_args = next(iter(runs.values()))
     batch = training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
-    eval_samples = next((r["eval_samples"] for by in loaded.values() for r in by.values() if r["eval_samples"]), None)
+    return write_summary(opts.output_dir, loaded, recipe=opts.recipe, model=model_args.model_name,
+                         dataset=data_args.dataset, batch=batch, learning_rate=training_args.learning_rate,
+                         env=environment(), plots=opts.plots)
+
+
+def write_summary(output_dir: str, loaded: dict, *, recipe: str, model: str, dataset: str, batch: int,
+                  learning_rate: float, env: dict, plots: bool = True, eval_samples: int | None = None) -> dict:
+    """results.md (printed too), results.json and the plots of loaded runs ({method: {seed: load_run(...)}}).
+    A local dataset is named by its folder's name, never its path (these files get published)."""
+    from .hub import resolve_card_dataset
+
+    summary, seeds = summarize(loaded), sorted({s for by in loaded.values() for s in by})
+    dataset = resolve_card_dataset(dataset)["name"]
+    eval_samples = eval_samples or next((r["eval_samples"] for by in loaded.values() for r in by.values()
+                                         if r["eval_samples"]), None)
     epochs = _epochs_trained(loaded)
-    header = (f"Recipe {opts.recipe}: {model_args.model_name} on {data_args.dataset}, "
-              f"{epochs} epochs, batch {batch}, lr {training_args.learning_rate:g}, "
-              f"test set {eval_samples or '?'} images, seeds {','.join(map(str, opts.seed_list))}. Device: "
+    header = (f"Recipe {recipe}: {model} on {dataset}, {epochs} epochs, batch {batch}, lr {learning_rate:g}, "
+              f"test set {eval_samples or '?'} images, seeds {','.join(map(str, seeds))}. Device: "
               f"{env['device']}. Training seconds exclude evaluation.")
     table = markdown(summary, header)
-    plots = []
-    if opts.plots:
-        title = (f"{opts.recipe}: {model_args.model_name} on {data_args.dataset}, {epochs} "
-                 f"epochs, test set {eval_samples or '?'} images")
+    drawn = []
+    if plots:
+        title = f"{recipe}: {model} on {dataset}, {epochs} epochs, test set {eval_samples or '?'} images"
         try:
-            plots = [os.path.basename(p) for p in plot_curves(loaded, opts.output_dir, title)]
+            drawn = [os.path.basename(p) for p in plot_curves(loaded, output_dir, title)]
         except Exception as e:  # the tables must not be lost to a plotting problem
             print(f"[reproduce] plots failed ({type(e).__name__}: {e}); tables and JSON are written", flush=True)
-    with open(os.path.join(opts.output_dir, "results.md"), "w") as f:
-        f.write(table + "\n\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n")
-    results = {"recipe": opts.recipe, "model": model_args.model_name, "dataset": data_args.dataset,
-               "epochs": epochs, "batch_size": batch, "learning_rate": training_args.learning_rate,
-               "eval_samples": eval_samples, "seeds": opts.seed_list, "environment": env, "methods": summary,
-               "plots": plots, "runs": {m: {str(s): r for s, r in by.items()} for m, by in loaded.items()}}
-    write_json(os.path.join(opts.output_dir, "results.json"), results)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table + "\n\n" + "\n".join(f"![{p}]({p})" for p in drawn) + "\n")
+    results = {"recipe": recipe, "model": model, "dataset": dataset, "epochs": epochs, "batch_size": batch,
+               "learning_rate": learning_rate, "eval_samples": eval_samples, "seeds": seeds, "environment": env,
+               "methods": summary, "plots": drawn, "runs": {m: {str(s): r for s, r in by.items()} for m, by in loaded.items()}}
+    write_json(os.path.join(output_dir, "results.json"), results)
     print(table)
-    print(f"\n[reproduce] results.md, results.json" + (" and plots" if plots else "") + f" in {opts.output_dir}")
+    print(f"\n[reproduce] results.md, results.json" + (" and plots" if drawn else "") + f" in {output_dir}")
     return results

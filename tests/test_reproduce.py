@@ -133,6 +133,33 @@ def test_results_tables_and_plots(reproduced, capsys):
             image.verify()
 
 
+def test_results_rewritten_from_the_records_alone_match_and_name_no_local_path(reproduced, tmp_path):
+    import importlib.util
+    import pathlib
+
+    out, _ = reproduced
+    copy = tmp_path / "copy"
+    for method in METHODS:  # records only: no weights, no checkpoints
+        (copy / f"{method}-seed0").mkdir(parents=True)
+        for name in ("esam_run.json", "timeline.json", "all_results.json"):
+            shutil.copy(out / f"{method}-seed0" / name, copy / f"{method}-seed0" / name)
+    shutil.copy(out / "results.json", copy / "results.json")
+    for method in METHODS:  # as if trained on a local folder
+        record = _read(copy / f"{method}-seed0" / "esam_run.json")
+        record["settings"]["data"]["dataset"] = str(tmp_path / "private" / "my-cifar")
+        (copy / f"{method}-seed0" / "esam_run.json").write_text(json.dumps(record))
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "rewrite_results.py"
+    spec = importlib.util.spec_from_file_location("rewrite_results", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main([str(copy)])
+    rewritten, original = _read(copy / "results.json"), _read(out / "results.json")
+    assert rewritten["methods"] == original["methods"]
+    table = (copy / "results.md").read_text()
+    assert "on my-cifar," in table and str(tmp_path) not in table and str(tmp_path) not in json.dumps(rewritten)
+    assert (out / "results.md").read_text().split("\n")[2:] == table.split("\n")[2:]  # the same rows
+
+
 def test_timeline_one_entry_per_epoch_matches_trainer(reproduced):
     out, _ = reproduced
     for method in METHODS:
