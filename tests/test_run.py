@@ -3,7 +3,6 @@ and `pipeline`, and compare with the in-memory model on a real CIFAR-10 photo.""
 
 import json
 import re
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -15,10 +14,9 @@ from esam_hf.cli import main as cli_main
 from esam_hf.run import DataArguments, ModelArguments, make_trainer, train_image_classifier
 from esam_hf.trainer import ESAMTrainingArguments
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def test_train_save_reload_pipeline_and_card(tmp_path):
+def test_train_save_reload_pipeline_and_card(tmp_path, request):
     out = tmp_path / "model"
     args = ESAMTrainingArguments(
         output_dir=str(out), max_steps=3, per_device_train_batch_size=32, learning_rate=0.05, optim="sgd",
@@ -41,9 +39,8 @@ def test_train_save_reload_pipeline_and_card(tmp_path):
     processor = AutoImageProcessor.from_pretrained(out)
     assert reloaded.config.id2label[3] == "cat"
 
-    if not SHARED.is_dir():
-        pytest.skip("../shared/data not present")
-    photo = datasets.load_dataset(str(SHARED / "cifar10-jpeg"), split="test")[123]["img"]
+    cifar_dir = request.getfixturevalue("cifar_dir")  # skips here, after the checks above, without the data
+    photo = datasets.load_dataset(str(cifar_dir), split="test")[123]["img"]
     # Independent in-memory reference: the trained weights as saved, fed by the training pipeline's eval transform.
     trainer = make_trainer(model_args, data_args, ESAMTrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none"))
     trainer.model.load_state_dict(reloaded.state_dict())

@@ -1,4 +1,4 @@
-"""Shared fixtures for the data-layer tests: offline mode, the real data under ../shared/data, temp caches."""
+"""Shared fixtures for the data-layer tests: offline mode, temp caches (the real data: tests/conftest.py)."""
 
 import os
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 # esam_hf/__init__.py imports the optimizer and trainer; if those are broken or unfinished, load the
 # data subpackage on its own so these tests still judge the data layer.
@@ -25,23 +24,6 @@ except ImportError:
     stub.__path__ = [str(REPO / "esam_hf")]
     sys.modules["esam_hf"] = stub
     assert importlib.util.find_spec("esam_hf.data") is not None
-
-
-def _shared(name):
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"real data not available at {path}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def cifar_dir():
-    return _shared("cifar10-jpeg")
-
-
-@pytest.fixture(scope="session")
-def imagenet_dir():
-    return _shared("imagenet-sample")
 
 
 @pytest.fixture(scope="session")

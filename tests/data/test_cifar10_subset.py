@@ -37,3 +37,19 @@ def test_subset_keeps_the_source_jpeg_bytes(cifar_dir):
     for value, label in zip(rows["img"], rows["label"]):
         assert value["bytes"] == by_name[value["path"]]
         assert value["path"].startswith(CIFAR10_NAMES[label])
+
+
+def test_make_subset_all_writes_a_complete_shuffled_copy(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cifar10-jpeg"
+    done = subprocess.run([sys.executable, "-m", "esam_hf.data.make_subset", str(CIFAR10_SUBSET_DIR), str(out), "--all"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    raw = datasets.Image(decode=False)
+    for split in ("train", "test"):
+        copy = datasets.load_dataset(str(out), split=split).cast_column("img", raw)
+        source = datasets.load_dataset(str(CIFAR10_SUBSET_DIR), split=split).cast_column("img", raw)
+        assert sorted(v["path"] for v in copy["img"]) == sorted(v["path"] for v in source["img"])  # every image
+        assert copy["img"][:50] != source["img"][:50]  # in another order

@@ -1,6 +1,5 @@
 """esam_hf.models.create_model: timm's weights, offline save/reload, processor and pipeline."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from transformers import (
 from esam_hf.models import CIFAR_MODELS, create_image_processor, create_model
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
 
 
 def assert_same_state(model_a, model_b):
@@ -100,11 +98,9 @@ def test_save_and_reload_gives_identical_logits(saved):
 
 
 @pytest.fixture(scope="module")
-def images():
-    if not IMAGENET_SAMPLE.is_dir():
-        pytest.skip(f"{IMAGENET_SAMPLE} not available")
+def images(imagenet_dir):
     datasets = pytest.importorskip("datasets")
-    split = datasets.load_dataset(str(IMAGENET_SAMPLE), split="validation")
+    split = datasets.load_dataset(str(imagenet_dir), split="validation")
     grey = next(i for i, mode in enumerate(img.mode for img in split["image"]) if mode == "L")
     return [split[0]["image"], split[grey]["image"]]  # one RGB, one greyscale photo
 
