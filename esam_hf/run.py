@@ -494,9 +494,7 @@ def train_image_classifier(model_args: ModelArguments, data_args: DataArguments,
         raise TrainingDiverged(f"training diverged: {reason}")
     _finish(trainer, record, metrics, status="finished")
     if train:
-        kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, output_dir)
-        if record.get("resumed_from"):
-            kwargs["resumed_from"] = record["resumed_from"]
+        kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, output_dir, record)
         trainer.create_model_card(**kwargs)
         if training_args.push_to_hub:
             trainer.push_to_hub(**kwargs)
@@ -520,10 +518,7 @@ def restore_card(model_args: ModelArguments, data_args: DataArguments, training_
     final = {k: v for k, v in (record.get("metrics") or {}).items() if k.startswith("eval_")}
     if final:
         trainer.state.log_history.append(final)
-    kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, out)
-    if record.get("resumed_from"):
-        kwargs["resumed_from"] = record["resumed_from"]
-    trainer.create_model_card(**kwargs)
+    trainer.create_model_card(**card_kwargs(spec, data, model, model_args, data_args, recipe, out, record))
     return os.path.join(out, "README.md")
 
 
@@ -543,9 +538,10 @@ def resume_source(checkpoint: str | bool, output_dir: str) -> dict[str, Any]:
 
 
 def card_kwargs(spec, data, model, model_args: ModelArguments, data_args: DataArguments, recipe: str,
-                output_dir: str) -> dict[str, Any]:
+                output_dir: str, record: dict | None = None) -> dict[str, Any]:
     """What the model card says about the run: the dataset's Hub id (or path) and the name it was asked
-    by, the evaluated split and how much of it, the recipe, and the pretrained weights it started from."""
+    by, the evaluated split and how much of it, the recipe, the pretrained weights it started from, and
+    the checkpoint it was resumed from (from the run's record)."""
     finetuned_from = None
     if model_args.pretrained:
         cfg = getattr(getattr(model, "timm_model", model), "pretrained_cfg", None) or {}
@@ -553,7 +549,8 @@ def card_kwargs(spec, data, model, model_args: ModelArguments, data_args: DataAr
     return {"dataset": spec.path, "dataset_name": data_args.dataset, "eval_split": spec.eval_name,
             "eval_samples": len(data.eval_dataset) if data.eval_dataset is not None else None,
             "eval_split_size": data.eval_split_size, "recipe": recipe, "finetuned_from": finetuned_from,
-            "model_name": os.path.basename(os.path.normpath(output_dir))}
+            "model_name": os.path.basename(os.path.normpath(output_dir)),
+            **({"resumed_from": record["resumed_from"]} if (record or {}).get("resumed_from") else {})}
 
 
 def _finish(trainer, record: dict, metrics: dict, status: str) -> None:

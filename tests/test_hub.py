@@ -246,6 +246,7 @@ print(json.dumps({{s["label"]: s["score"] for s in scores}}))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "is not supported for image-classification" not in done.stderr  # no error-level log for users
     scores = json.loads(done.stdout.strip().splitlines()[-1])
     for i, name in enumerate(["cat", "dog", "ship"]):
         assert scores[name] == pytest.approx(float(expected[i]), abs=1e-5)

@@ -141,9 +141,9 @@ def _empty_wrapper(config: TimmWrapperConfig) -> TimmWrapperForImageClassificati
     """The HF wrapper built on the meta device: nothing is allocated and transformers skips its
     weight init, as in ``from_pretrained``; the caller then sets the real ``timm_model``. A CIFAR
     backbone gets the subclass whose ``save_pretrained`` saves its code with it (remote code)."""
-    from .modeling_esam_cifar import CifarTimmWrapperForImageClassification
+    from .modeling_esam_cifar import TimmWrapperForImageClassification as CifarTimmWrapper
 
-    cls = (CifarTimmWrapperForImageClassification if config.architecture.split(".")[0] in CIFAR_MODELS
+    cls = (CifarTimmWrapper if config.architecture.split(".")[0] in CIFAR_MODELS
            else TimmWrapperForImageClassification)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.device("meta"))

@@ -11,16 +11,18 @@ Importing this module registers the backbones with timm; the class itself is tra
 Only transformers, timm and torch are imported (relative imports are copied with it).
 """
 
-from transformers import TimmWrapperForImageClassification
+from transformers import TimmWrapperForImageClassification as _TimmWrapperForImageClassification
 
 from .cifar_pyramidnet import cifar_pyramidnet110  # noqa: F401  (registers the backbone with timm)
 from .cifar_resnet import cifar_resnet18  # noqa: F401
 from .cifar_wrn import cifar_wrn28_10  # noqa: F401
 
 
-class CifarTimmWrapperForImageClassification(TimmWrapperForImageClassification):
-    """`TimmWrapperForImageClassification` for the CIFAR backbones (ResNet-18, WideResNet-28-10,
-    PyramidNet-110 for 32x32 images), which stock timm does not know."""
+# Named as transformers' own class on purpose: `pipeline()` checks a model's class name against its task's
+# list and logs an error ("is not supported for image-classification") for any other name, remote code included.
+class TimmWrapperForImageClassification(_TimmWrapperForImageClassification):
+    """transformers' `TimmWrapperForImageClassification`, loaded with the CIFAR backbones (ResNet-18,
+    WideResNet-28-10, PyramidNet-110 for 32x32 images) registered, which stock timm does not know."""
 
 
-CifarTimmWrapperForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+TimmWrapperForImageClassification.register_for_auto_class("AutoModelForImageClassification")
