@@ -608,7 +608,7 @@ def landscape_report(
     ``{"seed", "hessian_max_iters", "hessian_tol", "models": {name:
     {"top_hessian_eigenvalue", "hessian_iterations", "hessian_converged",
     "landscape_1d": {"alphas", "losses"}, "landscape_2d": {"alphas_1",
-    "alphas_2", "losses"}}}, "files"}``, where ``losses[i][j]`` of the 2-D grid
+    "alphas_2", "losses"}}}, "files": {kind: file name in out_dir}}``, where ``losses[i][j]`` of the 2-D grid
     is at ``(alphas_1[i], alphas_2[j])``. ``progress`` shows tqdm bars.
     """
     alphas_1d = _as_float_tensor(alphas_1d if alphas_1d is not None else _symmetric_grid(41))
@@ -659,13 +659,15 @@ def landscape_report(
         entry["hessian_converged"] = eigenvalues[name].converged
         report["models"][name] = entry
 
-    report["files"]["landscape_1d"] = plot_landscape_1d(
+    # File names within out_dir, not paths: the report is published with them.
+    report["files"]["landscape_1d"] = os.path.basename(plot_landscape_1d(
         curves_1d, os.path.join(out_dir, "landscape_1d.png"), eigenvalues=eigenvalues
-    )
+    ))
     if with_2d:
-        report["files"]["landscape_2d"] = plot_landscape_2d(surfaces_2d, os.path.join(out_dir, "landscape_2d.png"))
+        report["files"]["landscape_2d"] = os.path.basename(
+            plot_landscape_2d(surfaces_2d, os.path.join(out_dir, "landscape_2d.png")))
     json_path = os.path.join(out_dir, "landscape.json")
-    report["files"]["json"] = json_path
+    report["files"]["json"] = os.path.basename(json_path)
     with open(json_path, "w") as f:
         # NaN/inf losses (diverged points) are kept as JSON's NaN/Infinity extensions.
         json.dump(report, f, indent=2, allow_nan=True)

@@ -385,6 +385,8 @@ def test_landscape_report(tmp_path):
     assert _is_png(tmp_path / "landscape_1d.png") and _is_png(tmp_path / "landscape_2d.png")
     on_disk = json.loads((tmp_path / "landscape.json").read_text())
     assert on_disk["models"].keys() == {"sgd", "esam"}
+    # the files by name within the folder: no local path is published with the report
+    assert on_disk["files"] == {"landscape_1d": "landscape_1d.png", "landscape_2d": "landscape_2d.png", "json": "landscape.json"}
     assert (on_disk["hessian_max_iters"], on_disk["hessian_tol"]) == (3, 1e-3)
     for name, model in models.items():
         entry = on_disk["models"][name]
