@@ -134,11 +134,24 @@ def build_model_and_data(model_args: ModelArguments, data_args: DataArguments, s
     return spec, model, data
 
 
-def paper_sgd(model: torch.nn.Module, args) -> torch.optim.SGD:
+def paper_sgd_options(args) -> dict[str, Any]:
     """The authors' SGD: momentum 0.9 (or `--optim_args momentum=X`), weight decay on every parameter."""
     options = dict(kv.split("=") for kv in (args.optim_args or "").replace(" ", "").split(",") if kv)
-    return torch.optim.SGD(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                           momentum=float(options.get("momentum", 0.9)), nesterov=options.get("nesterov", "") in ("true", "True", "1"))
+    return {"lr": args.learning_rate, "weight_decay": args.weight_decay, "momentum": float(options.get("momentum", 0.9)),
+            "nesterov": options.get("nesterov", "") in ("true", "True", "1")}
+
+
+def paper_sgd(model: torch.nn.Module, args) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), **paper_sgd_options(args))
+
+
+class PaperSGD(torch.optim.SGD):
+    """`paper_sgd` for a Trainer that builds the optimizer itself (under FSDP, which refuses a ready one, since
+    the parameters are replaced by their shards): the Trainer's groups exempt biases and norms from weight
+    decay, the authors decay every parameter."""
+
+    def __init__(self, params, weight_decay: float = 0.0, **kwargs):
+        super().__init__([{**g, "weight_decay": weight_decay} for g in params], weight_decay=weight_decay, **kwargs)
 
 
 def make_trainer(model_args: ModelArguments, data_args: DataArguments, training_args, trainer_cls=None, **trainer_kwargs):
@@ -156,12 +169,19 @@ def image_trainer(model, data, training_args, trainer_cls=None, **trainer_kwargs
 
     training_args.remove_unused_columns = False  # datasets already yield model inputs; nothing to prune
     top_k = (1, 5) if len(data.class_names) >= 10 else (1,)
-    if training_args.optim == "sgd":
+    if training_args.optim == "sgd" and _fsdp(training_args):
+        trainer_kwargs.setdefault("optimizer_cls_and_kwargs", (PaperSGD, paper_sgd_options(training_args)))
+    elif training_args.optim == "sgd":
         trainer_kwargs.setdefault("optimizers", (paper_sgd(model, training_args), None))
     return (trainer_cls or ESAMTrainer)(
         model=model, args=training_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
         data_collator=data.collator, compute_metrics=compute_metrics_fn(top_k), **trainer_kwargs,
     )
+
+
+def _fsdp(training_args) -> bool:
+    """Whether the Trainer will shard with FSDP: asked in TrainingArguments or by `accelerate launch`'s config."""
+    return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 # --------------------------------------------------------------------------- #

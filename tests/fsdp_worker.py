@@ -2,7 +2,8 @@
 
 Mode "core": ESAM steps of the torch core (each of fsdp_case.MODES) on a float64 model sharded with FSDP2's
 `fully_shard`; each rank saves the full gradients it ends with. Modes "trainer..." train a tiny ViT
-with ESAMTrainer under the Trainer's FSDP2 (fsdp_config version 2); each rank saves its full weights."""
+with ESAMTrainer under the Trainer's FSDP2 (fsdp_config version 2); each rank saves its full weights.
+Mode "cli": `esam-hf train --recipe demo` under FSDP2."""
 
 import os
 import sys
@@ -73,7 +74,19 @@ def trainer():
             "kept": [h.get("esam/swp_kept_fraction") for h in logs], "losses": [h["loss"] for h in logs]}
 
 
-result = trainer() if mode.startswith("trainer") else core()
+def cli():
+    """`esam-hf train` (the paper's SGD, a CIFAR model saved with its code) under the Trainer's FSDP2."""
+    from fsdp_case import enable_fsdp_on_cpu
+
+    from esam_hf.run import main
+
+    enable_fsdp_on_cpu()
+    main(["--recipe", "demo", "--output_dir", f"{out_dir}/run", "--max_steps", "3", "--max_train_samples", "64",
+          "--max_eval_samples", "32", "--use_cpu", "--fsdp", "full_shard", "--fsdp_config", '{"version": 2}'])
+    return {}
+
+
+result = trainer() if mode.startswith("trainer") else cli() if mode == "cli" else core()
 result["world_size"] = dist.get_world_size()
 torch.save(result, f"{out_dir}/rank{dist.get_rank()}.pt")
 # Shut the process group down before exit (left to interpreter teardown, gloo can abort a rank).

@@ -1,6 +1,7 @@
 """ESAM on a model sharded with FSDP2's fully_shard: two gloo processes against a hand-written
 single-process reference that perturbs with the global batch's gradient (float64)."""
 
+import json
 import math
 
 import pytest
@@ -131,3 +132,27 @@ def test_the_example_accelerate_config_is_fsdp2():
     assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
     assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # save_model gathers a Hub folder
     assert config.fsdp_config["fsdp_sync_module_states"]  # accelerate requires it with cpu_ram_efficient_loading
+
+
+def test_esam_hf_train_under_fsdp2_saves_a_cifar_model_others_can_load(tmp_path):
+    """`esam-hf train` under FSDP2: the paper's SGD is built by the Trainer (FSDP refuses a ready optimizer), and
+    the saved folder carries the CIFAR model's own code, not the code of the class fully_shard made on the fly."""
+    import subprocess
+    import sys
+
+    run_two_processes(tmp_path, "cli", worker="fsdp_worker.py")
+    folder = tmp_path / "run"
+    assert json.loads((folder / "esam_run.json").read_text())["status"] == "finished"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_esam_cifar.TimmWrapperForImageClassification"
+    assert not list(folder.glob("_fsdp*.py")) and (folder / "modeling_esam_cifar.py").is_file()
+    script = f"""
+import sys, torch
+sys.modules["esam_hf"] = None  # not installed, as far as this process can tell
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, trust_remote_code=True)
+print(type(model).__name__, model(torch.zeros(1, 3, 32, 32)).logits.shape[-1])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["TimmWrapperForImageClassification", "10"]

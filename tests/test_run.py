@@ -221,3 +221,27 @@ def test_training_on_the_evaluation_split_is_announced_and_carded(tmp_path, caps
               "--save_strategy", "no"])
     assert "evaluating on the training split 'test'" in capsys.readouterr().err
     assert "also the training split: the scores measure fit, not generalisation" in (out / "README.md").read_text()
+
+
+def test_the_trainer_built_paper_sgd_steps_as_the_ready_one(tmp_path):
+    """Under FSDP the Trainer builds the optimizer (from PaperSGD and its parameter groups, which exempt biases and
+    norms from weight decay); it must step as `paper_sgd` does: weight decay on every parameter."""
+    from transformers import Trainer
+
+    from esam_hf.run import PaperSGD, paper_sgd, paper_sgd_options
+
+    args = ESAMTrainingArguments(output_dir=str(tmp_path), learning_rate=0.1, weight_decay=0.05, optim="sgd",
+                                 optim_args="momentum=0.8,nesterov=true", use_cpu=True, report_to="none")
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ready = paper_sgd(models[0], args)
+    trainer = Trainer(model=models[1], args=args, optimizer_cls_and_kwargs=(PaperSGD, paper_sgd_options(args)))
+    built = trainer.create_optimizer()
+    assert isinstance(built, PaperSGD) and len(built.param_groups) == 2  # the Trainer's decay / no-decay groups
+    for _ in range(3):
+        for model, optimizer in zip(models, (ready, built)):
+            optimizer.zero_grad()
+            model(torch.ones(2, 4)).pow(2).sum().backward()
+            optimizer.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)

@@ -24,5 +24,15 @@ class TimmWrapperForImageClassification(_TimmWrapperForImageClassification):
     """transformers' `TimmWrapperForImageClassification`, loaded with the CIFAR backbones (ResNet-18,
     WideResNet-28-10, PyramidNet-110 for 32x32 images) registered, which stock timm does not know."""
 
+    def save_pretrained(self, *args, **kwargs):
+        # FSDP2's fully_shard gives the instance a subclass made on the fly, defined in torch: saved as it is,
+        # config.json's auto_map and the copied code would be torch's FSDP files. Save as this class.
+        own_class = type(self)
+        self.__class__ = TimmWrapperForImageClassification
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = own_class
+
 
 TimmWrapperForImageClassification.register_for_auto_class("AutoModelForImageClassification")
