@@ -160,6 +160,28 @@ def test_results_rewritten_from_the_records_alone_match_and_name_no_local_path(r
     assert (out / "results.md").read_text().split("\n")[2:] == table.split("\n")[2:]  # the same rows
 
 
+def test_figures_redrawn_from_results_and_landscape_json(reproduced, tmp_path):
+    import importlib.util
+    import pathlib
+
+    out, _ = reproduced
+    shutil.copy(out / "results.json", tmp_path / "results.json")
+    grid = [-1.0, 0.0, 1.0]  # a landscape.json of the earliest version: its 2-D axes were "alphas" and "betas"
+    (tmp_path / "landscape.json").write_text(json.dumps({"models": {name: {
+        "landscape_1d": {"alphas": grid, "losses": [2.0 * k, 1.0 * k, 2.0 * k]}, "top_hessian_eigenvalue": 5.0 * k,
+        "landscape_2d": {"alphas": grid, "betas": grid, "losses": [[3.0, 2.0, 3.0], [2.0, 1.0, 2.0], [3.0, 2.0, 3.0]]}}
+        for name, k in (("sgd", 1), ("esam", 2))}}))
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "rewrite_results.py"
+    spec = importlib.util.spec_from_file_location("rewrite_results", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    drawn = tool.main([str(tmp_path), "--figures_only"])
+    names = {"accuracy_vs_epoch.png", "accuracy_vs_time.png", "train_loss.png", "landscape_1d.png", "landscape_2d.png"}
+    assert {os.path.basename(p) for p in drawn} == names
+    for name in names:
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_timeline_one_entry_per_epoch_matches_trainer(reproduced):
     out, _ = reproduced
     for method in METHODS:
