@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainerCallback
 
 from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
 from .landscape import LandscapeOptions
 from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, warmup_fraction
 from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_problem, checkpoints, read_record,
-                  restore_card, run_settings, settings_differences, train_image_classifier, write_json)
+                  TIMELINE, TimelineCallback, read_json, restore_card, run_settings, settings_differences,
+                  train_image_classifier, training_throughput, write_json)
 
 # Stands for "SAM's radius": the recipe's rho x beta, which SWP's 1/beta scaling brings back to rho.
 SAM_RADIUS = "sam_radius"
@@ -42,8 +42,6 @@ METHODS = {
 # Fields that make a method what it is: re-imposed over the command line, so `--esam_rho 0.1`
 # changes SAM and ESAM but leaves SGD plain SGD (and `--esam_gamma 0.3` leaves SAM SAM).
 _DEFINING = {optimizer: tuple(fixed) for optimizer, fixed in OPTIMIZER_ESAM_ARGS.items()}
-TIMELINE = "timeline.json"
-_EVAL_KEYS = ("eval_accuracy", "eval_top5_accuracy", "eval_loss")
 PROG = "esam-hf reproduce"
 
 
@@ -175,74 +173,6 @@ def run_state(model_args, data_args, training_args) -> str:
 # --------------------------------------------------------------------------- #
 # Training, with a per-epoch timeline
 # --------------------------------------------------------------------------- #
-def _clock() -> float:
-    if torch.cuda.is_available():  # kernels run asynchronously: wait for them before reading the clock
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def _read_json(path: str, default=None):
-    import json
-
-    if not os.path.isfile(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-class TimelineCallback(TrainerCallback):
-    """Writes `timeline.json`: per epoch the step, cumulative training seconds, mean train loss and
-    eval metrics. The clock runs from each epoch's start to its end, so evaluation and checkpoints
-    are not counted. On resume, entries after the checkpoint's step are dropped (that work is redone)
-    and the clock continues from the last entry kept."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_train_begin(self, args, state, control, train_dataloader=None, eval_dataloader=None, **kwargs):
-        saved = _read_json(self.path, {}).get("epochs", [])
-        self.epochs = [e for e in saved if e["step"] <= state.global_step]  # state is the checkpoint's by now
-        self.seconds = self.epochs[-1]["train_seconds"] if self.epochs else 0.0
-        self.train_samples = len(train_dataloader.dataset) if train_dataloader is not None else None
-        self.last_logged = state.global_step
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.loss_sum, self.loss_steps = 0.0, 0
-        self.start = _clock()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.seconds += _clock() - self.start
-        self.epochs.append({"epoch": round(state.epoch, 4), "step": state.global_step, "train_seconds": self.seconds})
-        control.should_log = True  # a loss log at every epoch end, so no log spans two epochs
-        self._fill_loss(args, state)
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:  # the mean loss of the steps since the previous log
-            steps = state.global_step - self.last_logged
-            self.loss_sum, self.loss_steps = self.loss_sum + logs["loss"] * steps, self.loss_steps + steps
-            self.last_logged = state.global_step
-            self._fill_loss(args, state)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        entry = self.epochs[-1] if self.epochs else None
-        if entry and entry["step"] == state.global_step and "eval_accuracy" not in entry:
-            entry.update({k: v for k, v in (metrics or {}).items() if k in _EVAL_KEYS})
-            self._write(state)
-
-    def _fill_loss(self, args, state):
-        # The epoch's loss is complete once every step up to its end has been logged.
-        entry = self.epochs[-1] if self.epochs else None
-        if entry and entry["step"] == self.last_logged == state.global_step and self.loss_steps:
-            entry["train_loss"] = self.loss_sum / self.loss_steps
-        self._write(state)
-
-    def _write(self, state):
-        if state.is_world_process_zero:
-            write_json(self.path, {"train_samples": self.train_samples,
-                                   "epochs": self.epochs})
-
-
 def train_run(model_args, data_args, training_args, recipe: str) -> str:
     """Train one run unless it is done; continue it from its last checkpoint if it was cut off.
     Returns what it did: "skip", "resume", "train" or "diverged"."""
@@ -276,13 +206,8 @@ def load_run(path: str) -> dict:
     """A run's status, final accuracy, training seconds, images/s and timeline."""
     record = read_record(path) or {}
     final = record.get("metrics", {})
-    timeline = _read_json(os.path.join(path, TIMELINE), {"epochs": []})
-    epochs = timeline["epochs"]
-    if epochs and timeline.get("train_samples"):
-        seconds = epochs[-1]["train_seconds"]
-        images_per_s = timeline["train_samples"] * epochs[-1]["epoch"] / seconds
-    else:  # no timeline: the Trainer's own numbers (which include evaluation time)
-        seconds, images_per_s = final.get("train_runtime"), final.get("train_samples_per_second")
+    epochs = read_json(os.path.join(path, TIMELINE), {"epochs": []})["epochs"]
+    seconds, images_per_s = training_throughput(path, final)
     return {"status": record.get("status"), "accuracy": final.get("eval_accuracy"),
             "top5_accuracy": final.get("eval_top5_accuracy"), "train_seconds": seconds, "images_per_s": images_per_s,
             "initial_weights_sha256": record.get("initial_weights_sha256"), "eval_samples": record.get("eval_samples"),

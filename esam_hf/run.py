@@ -18,11 +18,13 @@ import os
 import shutil
 import socket
 import sys
+import time
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
 from .recipes import RECIPES, RecipeArguments, method_of, optimizer_conflicts, recipe_defaults
@@ -185,6 +187,91 @@ def _fsdp(training_args) -> bool:
 
 
 # --------------------------------------------------------------------------- #
+# Training time without evaluation: a per-epoch timeline
+# --------------------------------------------------------------------------- #
+TIMELINE = "timeline.json"
+_EVAL_KEYS = ("eval_accuracy", "eval_top5_accuracy", "eval_loss")
+
+
+def _clock() -> float:
+    if torch.cuda.is_available():  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def read_json(path: str, default=None):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+class TimelineCallback(TrainerCallback):
+    """Writes `timeline.json`: per epoch the step, cumulative training seconds, mean train loss and
+    eval metrics. The clock runs from each epoch's start to its end, so evaluation and checkpoints
+    are not counted. On resume, entries after the checkpoint's step are dropped (that work is redone)
+    and the clock continues from the last entry kept."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, eval_dataloader=None, **kwargs):
+        saved = read_json(self.path, {}).get("epochs", [])
+        self.epochs = [e for e in saved if e["step"] <= state.global_step]  # state is the checkpoint's by now
+        self.seconds = self.epochs[-1]["train_seconds"] if self.epochs else 0.0
+        self.train_samples = len(train_dataloader.dataset) if train_dataloader is not None else None
+        self.last_logged = state.global_step
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.loss_sum, self.loss_steps = 0.0, 0
+        self.start = _clock()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.seconds += _clock() - self.start
+        self.epochs.append({"epoch": round(state.epoch, 4), "step": state.global_step, "train_seconds": self.seconds})
+        control.should_log = True  # a loss log at every epoch end, so no log spans two epochs
+        self._fill_loss(args, state)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:  # the mean loss of the steps since the previous log
+            steps = state.global_step - self.last_logged
+            self.loss_sum, self.loss_steps = self.loss_sum + logs["loss"] * steps, self.loss_steps + steps
+            self.last_logged = state.global_step
+            self._fill_loss(args, state)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        entry = self.epochs[-1] if self.epochs else None
+        if entry and entry["step"] == state.global_step and "eval_accuracy" not in entry:
+            entry.update({k: v for k, v in (metrics or {}).items() if k in _EVAL_KEYS})
+            self._write(state)
+
+    def _fill_loss(self, args, state):
+        # The epoch's loss is complete once every step up to its end has been logged.
+        entry = self.epochs[-1] if self.epochs else None
+        if entry and entry["step"] == self.last_logged == state.global_step and self.loss_steps:
+            entry["train_loss"] = self.loss_sum / self.loss_steps
+        self._write(state)
+
+    def _write(self, state):
+        if state.is_world_process_zero:
+            write_json(self.path, {"train_samples": self.train_samples,
+                                   "epochs": self.epochs})
+
+
+def training_throughput(output_dir: str, metrics: dict | None = None) -> tuple[float | None, float | None]:
+    """(training seconds, images/s) of a run, evaluation and checkpoints excluded, from its timeline;
+    without one, the Trainer's own numbers (which include them)."""
+    timeline = read_json(os.path.join(output_dir, TIMELINE), {"epochs": []})
+    epochs = timeline["epochs"]
+    if epochs and timeline.get("train_samples") and epochs[-1]["train_seconds"] > 0:
+        seconds = epochs[-1]["train_seconds"]
+        return seconds, timeline["train_samples"] * epochs[-1]["epoch"] / seconds
+    metrics = metrics or {}
+    return metrics.get("train_runtime"), metrics.get("train_samples_per_second")
+
+
+# --------------------------------------------------------------------------- #
 # What a run trained: its record
 # --------------------------------------------------------------------------- #
 def run_settings(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict[str, Any]:
@@ -245,7 +332,7 @@ def settings_differences(recorded: dict, settings: dict) -> list[str]:
 RUN_FILES = frozenset({
     RUN_RECORD, "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
     "training_args.bin", "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-    "preprocessor_config.json", "README.md", "runs",
+    "preprocessor_config.json", "README.md", "runs", "timeline.json",
 })
 RUN_PATTERNS = ("checkpoint-*", "tmp-checkpoint-*", "model-*-of-*.safetensors", f"{RUN_RECORD}.tmp-*",
                 "*_results.json.tmp-*")
@@ -685,7 +772,8 @@ def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, 
     try:
         metrics = train_image_classifier(model_args, data_args, training_args, recipe=recipe_args.recipe or "custom",
                                          resume_from_checkpoint=resume, train=training_args.do_train,
-                                         evaluate=training_args.do_eval, claim=claim)
+                                         evaluate=training_args.do_eval, claim=claim,
+                                         callbacks=[TimelineCallback(os.path.join(training_args.output_dir, TIMELINE))])
     except TrainingDiverged as e:  # recorded as diverged in output_dir; no score to print
         print(f"{prog}: training diverged: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -693,7 +781,8 @@ def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, 
         if claim is not None:
             claim.release()
     if training_args.should_save:
-        print(results_table({label: metrics}))
+        seconds, images_per_s = training_throughput(training_args.output_dir, metrics)
+        print(results_table({label: {**metrics, "train_seconds": seconds, "images_per_s": images_per_s}}))
         print(f"\nSaved to {training_args.output_dir}: model, preprocessing config and model card (README.md)")
     return metrics
 
@@ -713,12 +802,11 @@ def hub_problem() -> str | None:
 
 def results_table(runs: dict[str, dict]) -> str:
     """Markdown table of the metrics a user looks at first."""
-    # Accuracies in percent, as the README's tables show them; the Trainer's images/s and seconds include
-    # the evaluations run during training, and the header says so.
+    # Accuracies in percent, as the README's tables show them; training time and images/s without the
+    # evaluations and checkpoints (from the run's timeline), as `reproduce` reports them.
     columns = [("eval_accuracy", "top-1 %"), ("eval_top5_accuracy", "top-5 %"), ("eval_loss", "eval loss"),
-               ("train_loss", "train loss"), ("train_samples_per_second", "images/s (incl. evaluation)"),
-               ("train_runtime", "train s (incl. evaluation)")]
-    present = [(k, t) for k, t in columns if any(k in m for m in runs.values())]
+               ("train_loss", "train loss"), ("images_per_s", "images/s (training)"), ("train_seconds", "train s")]
+    present = [(k, t) for k, t in columns if any(m.get(k) is not None for m in runs.values())]
     lines = ["| run | " + " | ".join(t for _, t in present) + " |", "|---" * (len(present) + 1) + "|"]
 
     def cell(key, value):

@@ -66,6 +66,13 @@ def test_cli_train_recipe_with_optimizer_baseline(tmp_path, capsys):
     accuracy = json.loads((out / "all_results.json").read_text())["eval_accuracy"]
     assert f"| {100 * accuracy:.2f} |" in printed  # in percent, as the README's tables
     assert "***** all metrics *****" not in printed  # one results block, not the Trainer's as well
+    # images/s of training alone, as reproduce reports it: 2 steps x 64 images over the clocked seconds, which
+    # leave out evaluation and so are within the Trainer's runtime (evaluation included)
+    timeline = json.loads((out / "timeline.json").read_text())
+    seconds = timeline["epochs"][-1]["train_seconds"]
+    row = next(line for line in printed.splitlines() if line.startswith("| demo (sgd) |")).split("|")
+    assert float(row[-3]) == pytest.approx(128 / seconds, rel=1e-3) and float(row[-2]) == pytest.approx(seconds, rel=1e-3)
+    assert 0 < seconds <= json.loads((out / "all_results.json").read_text())["train_runtime"]
     saved = torch.load(out / "training_args.bin", weights_only=False)
     assert (saved.esam_rho, saved.learning_rate, saved.per_device_train_batch_size) == (0.0, 0.05, 64)
     card = (out / "README.md").read_text()
