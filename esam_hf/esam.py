@@ -155,10 +155,11 @@ def _ascent_gradients(loss: torch.Tensor, kept: list[torch.Tensor]) -> tuple[tor
 
 
 def _sharding(model: nn.Module, params: list[torch.Tensor]):
-    """(process group of the shards, FSDP2 modules) for a model sharded with `fully_shard`, else (None, [])."""
+    """(process group of the shards, its device type, FSDP2 modules) for a model sharded with `fully_shard`,
+    else (None, None, [])."""
     sharded = [type(p).__name__ == "DTensor" for p in params]
     if not any(sharded):
-        return None, []
+        return None, None, []
     from torch.distributed.fsdp import FSDPModule
 
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -169,7 +170,8 @@ def _sharding(model: nn.Module, params: list[torch.Tensor]):
             "every parameter sharded: this model mixes sharded and plain parameters, uses a multi-dimensional mesh "
             "(HSDP, tensor parallel), or shards without fully_shard. Construct ESAM after fully_shard."
         )
-    return next(iter(meshes)).get_group(), fsdp_modules
+    mesh = next(iter(meshes))
+    return mesh.get_group(), mesh.device_type, fsdp_modules
 
 
 def _sharded_ascent_gradients(loss: torch.Tensor, params: list[torch.Tensor], kept: list[torch.Tensor]):
@@ -230,7 +232,7 @@ class ESAM:
         self.rho, self.beta, self.gamma, self.adaptive, self.bn_stats, self.eps = rho, beta, gamma, adaptive, bn_stats, eps
         self.selection = selection
         self._all_params = list(model.parameters())
-        self._shard_group, self._fsdp_modules = _sharding(model, self._all_params)
+        self._shard_group, self._shard_device, self._fsdp_modules = _sharding(model, self._all_params)
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # CPU generator: drawing the SWP mask never waits for the device, and the same
         # seed gives the same mask on every rank.
@@ -415,9 +417,10 @@ class ESAM:
             g.mul_(w_abs)
         norm = torch.linalg.vector_norm(g)
         if self._shard_group is not None:  # the norm over every rank's shard
-            norm = norm.square()
-            dist.all_reduce(norm, group=self._shard_group)
-            norm = norm.sqrt()
+            # (on the mesh's device: with CPU offloading the shards live on the host, NCCL reduces on the GPU)
+            total = norm.square().to(self._shard_device)
+            dist.all_reduce(total, group=self._shard_group)
+            norm = total.sqrt().to(norm.device)
         finite = torch.isfinite(norm)
         scale = torch.where(finite, self.rho / self.beta / (norm + self.eps), 0.0)
         if self.adaptive:

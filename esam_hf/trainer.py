@@ -508,9 +508,9 @@ def _sum_over_shards(value: torch.Tensor, params) -> torch.Tensor:
     sharded = next((p for p in params if type(p).__name__ == "DTensor"), None)
     if sharded is None:
         return value
-    value = value.clone()
-    torch.distributed.all_reduce(value, group=sharded.device_mesh.get_group())
-    return value
+    total = value.to(sharded.device_mesh.device_type, copy=True)  # CPU-offloaded shards: NCCL reduces on the GPU
+    torch.distributed.all_reduce(total, group=sharded.device_mesh.get_group())
+    return total.to(value.device)
 
 
 def _all_finite(params: list[torch.Tensor]) -> bool:
