@@ -11,7 +11,6 @@ timeline.json; the runs are then summarised in OUTPUT_DIR/results.md, results.js
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys
@@ -385,5 +384,5 @@ def write_summary(output_dir: str, loaded: dict, *, recipe: str, model: str, dat
                "methods": summary, "plots": drawn, "runs": {m: {str(s): r for s, r in by.items()} for m, by in loaded.items()}}
     write_json(os.path.join(output_dir, "results.json"), results)
     print(table)
-    print(f"\n[reproduce] results.md, results.json" + (" and plots" if drawn else "") + f" in {output_dir}")
+    print("\n[reproduce] results.md, results.json" + (" and plots" if drawn else "") + f" in {output_dir}")
     return results
