@@ -32,3 +32,14 @@ def test_gpu_check_refuses_a_missing_data_directory(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "nope")],
                           env={**os.environ, "OUT": str(tmp_path / "out")}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "give the CIFAR-10 data directory" in done.stderr
+
+
+def test_fsdp_throughput_runs(tmp_path):
+    """The FSDP2-against-DDP throughput benchmark runs end to end (tiny: 1 timed step, 1 repeat)."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_throughput.py"), "--out", str(tmp_path),
+                           "--steps", "1", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "fsdp_throughput.json").read_text())
+    for kind in ("ddp", "fsdp"):
+        assert all(report[kind][m] > 0 for m in ("sam", "esam", "esam_random")), report
+    assert "| fsdp |" in done.stdout
