@@ -11,6 +11,8 @@ losses `scores` [B] (detached; they only rank examples, they are never trained o
   3. Sharpness-sensitive Data Selection (SDS): keep k = max(1, ceil(gamma B)) examples, the ones
      whose loss rises most from w to w + e (scores of a no-grad pass at w + e minus those at w).
   4. descent: backward of the objective on those k examples at w + e.
+  With selection "ascent", SDS moves to the other pass: the ascent (1) runs on a uniform random k of
+  the B examples and the descent (4) on the whole batch, so every example is still trained on.
   5. restore w bit-exactly from a saved copy; the caller's optimizer steps with .grad.
 
 rho = 0 is plain training; beta = gamma = 1 is SAM.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,8 +42,11 @@ GAMMA_SCHEDULES = ("linear", "cosine")
 # How SDS picks its k examples: the paper's instance sharpness l_i(w + e) - l_i(w), the loss
 # l_i(w + e) alone, a uniform random subset (unbiased, and no selection forward pass), the sharpest
 # share of each group (class) of the batch, so the descent is not dominated by one class, or the
-# largest losses at w, which the ascent pass already has (no selection forward pass either).
-SELECTIONS = ("sharpness", "loss", "random", "balanced", "clean_loss")
+# largest losses at w, which the ascent pass already has (no selection forward pass either). "ascent"
+# subsets the other pass: the perturbation comes from a random k examples (m-sharpness, Foret et al.
+# 2021), the descent uses the whole batch. The descent is the expensive pass (every weight gradient)
+# and the one that trains, so this keeps SGD's data per step and saves on the pass that only aims.
+SELECTIONS = ("sharpness", "loss", "random", "balanced", "clean_loss", "ascent")
 
 
 def scheduled_gamma(gamma: float, progress: float, warmup: float, schedule: str = "linear") -> float:
@@ -137,6 +143,15 @@ def batch_size_of(batch: Any) -> int:
     raise ValueError(f"cannot tell the batch size of a {type(batch).__name__}: it holds no tensor")
 
 
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = (batch.values() if isinstance(batch, Mapping)
+              else [getattr(batch, f.name) for f in dataclasses.fields(batch)] if dataclasses.is_dataclass(batch)
+              else batch if isinstance(batch, (list, tuple)) else [])
+    return next((t for t in map(_first_tensor, values) if t is not None), None)
+
+
 def _ascent_gradients(loss: torch.Tensor, kept: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     # autograd.grad leaves .grad (the accumulated descent gradients) untouched; allow_unused: a
     # trainable tensor this forward did not use (an unused branch, a frozen-by-routing expert) simply
@@ -213,7 +228,8 @@ class ESAM:
         bn_stats: "clean" updates BatchNorm running statistics only in the pass at w;
             "all" in every forward pass, as the authors' code does.
         seed: seeds the SWP generator; use the same seed on every rank.
-        selection: SDS score, one of SELECTIONS ("sharpness" is the paper's).
+        selection: SDS score, one of SELECTIONS ("sharpness" is the paper's); "ascent" moves SDS to the
+            ascent pass (a random gamma of the batch), the descent then using the whole batch.
     """
 
     def __init__(
@@ -242,6 +258,7 @@ class ESAM:
         self._kept_fraction = 0.0
         self._no_gradient_steps = 0
         self.last_selection: torch.Tensor | None = None  # rows SDS kept in the last step (None: all)
+        self._permutation: tuple[torch.Tensor, torch.Tensor] | None = None  # (buffer, its first k) for "ascent"
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -255,7 +272,7 @@ class ESAM:
 
     def needs_scores(self, gamma: float | None = None) -> bool:
         """Whether `loss_fn` must return per-example scores: SDS ranks the batch."""
-        return self.rho > 0 and self.selection != "random" and (self.gamma if gamma is None else gamma) < 1
+        return self.rho > 0 and self.selection not in ("random", "ascent") and (self.gamma if gamma is None else gamma) < 1
 
     def step(
         self,
@@ -287,7 +304,7 @@ class ESAM:
             groups: integer group of each example [B] (e.g. its class label); needed by
                 selection "balanced", which keeps the sharpest share of every group.
         Returns:
-            The detached objective at w.
+            The detached objective at w (with selection "ascent", on the ascent's rows).
         """
         backward = backward or torch.Tensor.backward
         gamma = self.gamma if gamma is None else gamma
@@ -304,8 +321,14 @@ class ESAM:
         sharded = bool(self._fsdp_modules)
         if sharded:
             self._require_gradient_sync()
+        ascent_batch, ascent_index = batch, None
+        if self.selection == "ascent":
+            batch_size = batch_size_of(batch)
+            if self.k(batch_size, gamma) < batch_size:
+                ascent_index = self._random_rows(batch_size, self.k(batch_size, gamma), _first_tensor(batch))
+                ascent_batch = index_batch(batch, ascent_index, batch_size)
         with no_sync() if no_sync and not sharded else contextlib.nullcontext():
-            loss, clean_scores = loss_fn(batch)
+            loss, clean_scores = loss_fn(ascent_batch)
             scale = grad_scaler.scale(torch.ones((), device=loss.device)) if grad_scaler else None
             scaled = loss * scale if scale is not None else loss
             grads = _sharded_ascent_gradients(scaled, params, kept) if sharded else _ascent_gradients(scaled, kept)
@@ -316,17 +339,20 @@ class ESAM:
                 kept = [p.to_local() for p in kept]
         if kept:
             self._no_gradient_steps = 0
-            backup, norm, finite = self._perturb(kept, grads)
+            backup, norm, keep = self._perturb(kept, grads)
         else:  # every kept tensor went unused by this forward: nothing to perturb
             self._check_gradient_reaches()
-            backup, norm, finite = None, loss.new_zeros(()), loss.new_ones((), dtype=torch.bool)
+            backup, norm, keep = None, loss.new_zeros((), dtype=torch.float32), loss.new_ones((), dtype=torch.float32)
         del grads
         try:
             with self._frozen_bn_stats():
-                batch_size = clean_scores.shape[0] if clean_scores is not None else batch_size_of(batch)
+                batch_size = (clean_scores.shape[0] if clean_scores is not None and ascent_index is None
+                              else batch_size_of(batch))
                 k = self.k(batch_size, gamma)
                 index, rise = None, None
-                if k < batch_size and self.selection == "random":
+                if self.selection == "ascent":
+                    pass  # the descent takes the whole batch
+                elif k < batch_size and self.selection == "random":
                     index = torch.randperm(batch_size, device=loss.device)[:k]
                 elif k < batch_size and self.selection == "clean_loss":
                     index = self._selection_score(clean_scores, clean_scores, batch_size).topk(k, sorted=False).indices
@@ -345,8 +371,8 @@ class ESAM:
         # Rise of the objective from w to w + e; without a selection pass (random, clean_loss) estimated
         # from the subset's loss at w + e against the batch's at w (biased upwards under clean_loss).
         rise = descent.detach() - loss if rise is None else rise
-        self._record(norm if scale is None else norm / scale, finite, rise, len(kept) / len(params))
-        self.last_selection = index
+        self._record(norm if scale is None else norm / scale, keep, rise, len(kept) / len(params))
+        self.last_selection = ascent_index if self.selection == "ascent" else index
         return loss
 
     def _require_gradient_sync(self) -> None:
@@ -391,48 +417,63 @@ class ESAM:
             )
         return groups
 
+    def _random_rows(self, batch_size: int, k: int, like: torch.Tensor | None) -> torch.Tensor:
+        """k rows of `batch_size` drawn uniformly without replacement, on the batch's device. A permutation
+        is drawn into a buffer kept while the shapes stay, whose first k entries are the rows: no allocation
+        and no slicing per step (the rows hold until the next step)."""
+        device = like.device if like is not None else torch.device("cpu")
+        if self._permutation is None or self._permutation[0].shape[0] != batch_size or \
+                self._permutation[1].shape[0] != k or self._permutation[0].device != device:
+            buffer = torch.empty(batch_size, dtype=torch.long, device=device)
+            self._permutation = (buffer, buffer[:k])
+        torch.randperm(batch_size, out=self._permutation[0])
+        return self._permutation[1]
+
     def _draw_kept(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.beta == 1 or not params:
             return params
-        mask = torch.rand(len(params), generator=self.generator) < self.beta
-        if not mask.any():
+        # Compared on the host in float32, as `torch.rand(n) < beta` compares: the same draws, fewer dispatches.
+        bound = struct.unpack("f", struct.pack("f", self.beta))[0]
+        mask = [u < bound for u in torch.rand(len(params), generator=self.generator).tolist()]
+        if not any(mask):
             # An empty draw would make this a plain step (likely with few trainable tensors, e.g. LoRA
             # or a linear probe): perturb one tensor, drawn uniformly, so every step is sharpness-aware.
-            mask[torch.randint(len(params), (1,), generator=self.generator)] = True
-        return [p for p, keep in zip(params, mask.tolist()) if keep]
-
-    def _views(self, flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+            mask[int(torch.randint(len(params), (1,), generator=self.generator))] = True
+        return [p for p, keep in zip(params, mask) if keep]
 
     @torch.no_grad()
     def _perturb(self, kept, grads):
-        # One flat buffer makes the norm, the finite check and the scaling single kernels,
-        # and lets a non-finite gradient become e = 0 without a host sync (inf * 0 = NaN
-        # has no foreach cure; nan_to_num on the flat buffer is one kernel).
-        backup = torch.cat([p.reshape(-1) for p in kept])
+        # Multi-tensor (foreach) ops throughout: a handful of dispatches per step whatever the number of
+        # tensors, where per-tensor ops or views into a flat buffer cost one each (host time a GPU step waits on).
+        backup = torch._foreach_mul(kept, 1.0)  # an exact copy, restored bit for bit
         # Sparse gradients (nn.Embedding(sparse=True)) perturb densely: e is a dense direction.
-        g = torch.cat([(g if g.layout == torch.strided else g.to_dense()).reshape(-1) for g in grads]).to(backup.dtype)
+        grads = [(g if g.layout == torch.strided else g.to_dense()).to(p.dtype) for p, g in zip(kept, grads)]
         if self.adaptive:  # norm of |w| g; e along w^2 g
-            w_abs = backup.abs()
-            g.mul_(w_abs)
-        norm = torch.linalg.vector_norm(g)
+            w_abs = torch._foreach_abs(kept)
+            torch._foreach_mul_(grads, w_abs)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         if self._shard_group is not None:  # the norm over every rank's shard
             # (on the mesh's device: with CPU offloading the shards live on the host, NCCL reduces on the GPU)
             total = norm.square().to(self._shard_device)
             dist.all_reduce(total, group=self._shard_group)
             norm = total.sqrt().to(norm.device)
-        finite = torch.isfinite(norm)
-        scale = torch.where(finite, self.rho / self.beta / (norm + self.eps), 0.0)
+        finite = norm < math.inf  # False for NaN too; one op where isfinite takes three
+        keep = finite.float()
         if self.adaptive:
-            g.mul_(w_abs)
-        g.mul_(scale).nan_to_num_(0.0, 0.0, 0.0)
-        torch._foreach_add_(kept, self._views(g, kept))
-        return backup, norm, finite
+            torch._foreach_mul_(grads, w_abs)
+        torch._foreach_mul_(grads, (self.rho / self.beta) / (norm + self.eps))
+        # A non-finite gradient must give e = 0 without a host sync, and no foreach op zeroes NaN (NaN * 0 is
+        # NaN) except a power: e^1 = e, e^0 = 1 for every e, NaN included, then times 0. (A list of 0-dim
+        # exponents: a plain tensor exponent would be read on the host; CUDA loops over the tensors in C++.)
+        torch._foreach_pow_(grads, [keep] * len(grads))
+        torch._foreach_mul_(grads, keep)
+        torch._foreach_add_(kept, grads)
+        return backup, norm, keep
 
     @torch.no_grad()
     def _restore(self, kept, backup):
         if kept:
-            torch._foreach_copy_(kept, self._views(backup, kept))
+            torch._foreach_copy_(kept, backup)
 
     @contextlib.contextmanager
     def _frozen_bn_stats(self):
@@ -447,8 +488,9 @@ class ESAM:
             for m in modules:
                 m.track_running_stats = True
 
-    def _record(self, norm, finite, rise, kept_fraction):
-        step_stats = torch.stack([torch.where(finite, norm, 0.0), rise, (~finite)]).float()
+    def _record(self, norm, keep, rise, kept_fraction):
+        # (the norm is >= 0, NaN or inf: nan_to_num zeroes the last two in one op)
+        step_stats = torch.stack([norm.float().nan_to_num(0.0, 0.0), rise.float(), 1 - keep])
         self._stats = step_stats if self._stats is None else self._stats + step_stats
         self._steps += 1
         self._kept_fraction += kept_fraction

@@ -43,3 +43,19 @@ def test_fsdp_throughput_runs(tmp_path):
     for kind in ("ddp", "fsdp"):
         assert all(report[kind][m] > 0 for m in ("sam", "esam", "esam_random")), report
     assert "| fsdp |" in done.stdout
+
+
+def test_cpu_study_check_runs_both_benchmarks_and_states_each_ordering(tmp_path, cifar_dir):
+    """The accuracy regression check end to end at tiny sizes (its verdict at these sizes means nothing)."""
+    out = tmp_path / "check.jsonl"
+    env = {**os.environ, "ESAM_HF_TEST_DATA": str(cifar_dir.parent)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_study.py"), "--check", "--check_quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode in (0, 1), done.stdout[-2000:] + done.stderr[-2000:]
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["benchmark"], r["method"]) for r in runs) == sorted(
+        [("overfit", m) for m in ("sam", "sgd", "ascent")] + [("data_rich", m) for m in ("sam", "sgd", "ascent", "random")])
+    assert {r["data"] for r in runs} == {"subset", "cifar10-jpeg"}
+    for bench in ("overfit", "data_rich"):
+        assert f"{bench}: " in done.stdout and "x SAM's process time" in done.stdout
+    assert ("ordering holds" in done.stdout) == (done.returncode == 0)

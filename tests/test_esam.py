@@ -630,3 +630,56 @@ def test_clean_loss_selection_keeps_the_largest_losses_at_w_without_a_selection_
     esam.step(loss_fn_for(model, seen), (x, y))
     assert len(seen) == 2  # ascent and descent only
     assert set(esam.last_selection.tolist()) == set(reference.topk(8).indices.tolist())
+
+
+def test_ascent_selection_perturbs_from_a_random_subset_and_descends_on_the_whole_batch():
+    """selection "ascent" against a hand-written step (float64): the ascent gradient of the mean loss over k random
+    rows (SWP-kept tensors only, e = rho/beta g/||g||), then the descent gradient of the whole batch's mean at w + e."""
+    x, y = batch(n=16)
+    x = x.double()
+    model, ref = TinyConvNet().double(), TinyConvNet().double()
+    params, ref_params = list(model.parameters()), list(ref.parameters())
+    rho, beta, seed = 0.2, 0.5, 11
+    keep = swp_mask(seed, len(params), beta)
+    seen = []
+    torch.manual_seed(0)
+    esam = ESAM(model, rho=rho, beta=beta, gamma=0.25, selection="ascent", seed=seed)
+    esam.step(loss_fn_for(model, seen), (x, y))
+    assert [s.shape[0] for s in seen] == [4, 16]  # ascent on k = 4 rows, no selection pass, descent on all 16
+    rows = sorted(next(i for i in range(16) if torch.equal(x[i], row)) for row in seen[0])
+    assert len(set(rows)) == 4 and sorted(esam.last_selection.tolist()) == rows
+
+    ref.train()
+    kept = [p for p, k in zip(ref_params, keep) if k]
+    grads = torch.autograd.grad(F.cross_entropy(ref(x[rows]).logits, y[rows]), kept)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(kept, grads):
+            p.add_(rho / beta * g / norm)
+        # BatchNorm statistics move only in the pass at w (bn_stats "clean"): the descent must not update them.
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.track_running_stats = False
+    F.cross_entropy(ref(x).logits, y).backward()
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_ascent_selection_draws_every_row_alike_and_from_torch_rng():
+    x, y = batch(n=8)
+    model = TinyConvNet()
+    esam = ESAM(model, rho=0.1, beta=1.0, gamma=0.5, selection="ascent")
+    torch.manual_seed(0)
+    counts = torch.zeros(8)
+    draws = []
+    for _ in range(400):
+        esam.step(loss_fn_for(model), (x, y))
+        model.zero_grad()
+        draws.append(esam.last_selection.clone())
+        counts[esam.last_selection] += 1
+    # 400 draws of 4 of 8 rows: each row about 200 times (binomial sd 10).
+    assert counts.min() > 160 and counts.max() < 240, counts
+    assert all(len(set(d.tolist())) == 4 for d in draws)
+    torch.manual_seed(0)
+    esam.step(loss_fn_for(model), (x, y))
+    assert torch.equal(esam.last_selection, draws[0])  # the draw follows torch's seed
