@@ -795,7 +795,7 @@ def train_subset_loss(dataset: str, data_config: dict, samples: int, batch_size:
 def _parse(argv: list[str] | None) -> LandscapeArguments:
     """Parsed and checked options; any bad one exits with a usage error before work starts."""
     from .arguments import make_parser, parse_args
-    from .data import DataError, resolve_dataset
+    from .data import DataError, load_splits, resolve_dataset
 
     parser = make_parser(
         [LandscapeArguments],
@@ -808,10 +808,40 @@ def _parse(argv: list[str] | None) -> LandscapeArguments:
     except ValueError as error:  # LandscapeArguments' own checks
         parser.error(str(error))
     try:
-        resolve_dataset(args.dataset)  # built-in names cost nothing; a path is opened once
+        spec = resolve_dataset(args.dataset)  # built-in names cost nothing; a path is opened once
+        # The classes of the training split, which the landscape's loss subset is drawn from.
+        class_names = load_splits(dataclasses.replace(spec, eval_split=None, train_val_split=0.0), max_train_samples=1)[2]
     except DataError as error:
         parser.error(f"--dataset: {error}")
+    for path in args.model_paths:
+        problem = class_mismatch(path, class_names)
+        if problem:
+            parser.error(f"--models {path}: {problem}")
     return args
+
+
+def class_mismatch(model_path: str, class_names: Sequence[str]) -> str | None:
+    """Why the saved model in `model_path` cannot be scored on data whose classes are `class_names` (its
+    config's `id2label` names other classes, or the same in another order), or None. A config without
+    names, or with transformers' LABEL_0.. placeholders, is checked by its number of classes only."""
+    import esam_hf.models  # noqa: F401  (registers the CIFAR backbones a saved CIFAR config names)
+    from transformers import AutoConfig
+
+    from .data.errors import listed
+
+    try:  # the config as the model loads it (timm models store `label_names`, not `id2label`)
+        id2label = AutoConfig.from_pretrained(model_path).id2label
+    except Exception:  # an unreadable config: loading the model says why
+        return None
+    if not id2label:
+        return None
+    labels = [id2label.get(i) for i in range(len(id2label))]
+    placeholders = labels == [f"LABEL_{i}" for i in range(len(labels))]
+    if len(labels) == len(class_names) and (placeholders or labels == list(class_names)):
+        return None
+    return (f"the model's classes (id2label in its config.json) are {listed([repr(n) for n in labels])}, but "
+            f"--dataset's are {listed([repr(n) for n in class_names])}: every loss would score images against the "
+            "wrong class. Use the dataset the model was trained on.")
 
 
 def _loss_fns(models: Mapping[str, nn.Module], args: LandscapeArguments, device) -> dict[str, Callable]:

@@ -2,24 +2,22 @@
 
 `esam-hf train` (`main`) and the examples are thin argument parsers around `train_image_classifier`.
 Every run records what it trained in `esam_run.json` in its output folder: the settings that
-determine the result, a checksum of the initial weights, the method, and its status (running,
-finished or diverged). A rerun into that folder is refused unless it resumes the same settings.
+determine the result, a checksum of the initial weights, the method, its status (running,
+finished or diverged) and every file it wrote. A rerun into that folder is refused unless it resumes
+the same settings or replaces the run. The folder itself (record, checkpoints, claim, lock) is
+`esam_hf.run_folder`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import math
 import os
-import shutil
-import socket
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +26,11 @@ from transformers import TrainerCallback
 
 from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
 from .recipes import RECIPES, RecipeArguments, method_of, optimizer_conflicts, recipe_defaults
+# The output folder (record, manifest, checkpoints, claim and lock) lives in run_folder.
+from .run_folder import (FolderInTheWay, OutputDirClaim, RunFolder, RunFolderCallback, checkpoint_ends_run, checkpoints,
+                         claim_output_dir, read_json, read_record, resolve_checkpoint, write_json)
+from .run_folder import checkpoint_problem, settings_differences  # noqa: F401  (imported from here by reproduce)
 
-RUN_RECORD = "esam_run.json"
 PROG = "esam-hf train"
 # TrainingArguments that change what a run trains (compared before a run is reused or resumed);
 # logging, saving, evaluation and data-loading options do not.
@@ -95,8 +96,10 @@ class RunArguments:
     _argument_group_name = "run"
 
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Delete output_dir first if it holds another run (otherwise a run into a non-empty output_dir is "
-                "refused unless it resumes it with --resume_from_checkpoint last)."})
+        "help": "Replace the run in output_dir: delete the files it wrote (as its esam_run.json lists them), once the "
+                "new run's data and model are built; refused, deleting nothing, if the folder holds anything else. "
+                "Otherwise a run into a non-empty output_dir is refused unless it resumes it with "
+                "--resume_from_checkpoint last."})
 
 
 def set_seed(seed: int) -> None:
@@ -137,16 +140,21 @@ def build_model_and_data(model_args: ModelArguments, data_args: DataArguments, s
 
 
 def paper_sgd_options(args) -> dict[str, Any]:
-    """The authors' SGD: momentum 0.9 (or `--optim_args momentum=X`), weight decay on every parameter."""
-    options = dict(kv.split("=") for kv in (args.optim_args or "").replace(" ", "").split(",") if kv)
-    return {"lr": args.learning_rate, "weight_decay": args.weight_decay, "momentum": float(options.get("momentum", 0.9)),
-            "nesterov": options.get("nesterov", "") in ("true", "True", "1")}
+    """The authors' SGD: momentum 0.9 and `--weight_decay` unless `--optim_args` (momentum=X, nesterov=true,
+    dampening=X, weight_decay=X, read as transformers reads them for `--optim sgd`) says otherwise."""
+    from transformers import Trainer
+
+    _, options = Trainer.get_optimizer_cls_and_kwargs(args)
+    return {"momentum": 0.9, "weight_decay": args.weight_decay, **options}
 
 
 def paper_sgd(model: torch.nn.Module, args) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), **paper_sgd_options(args))
 
 
+# Not transformers' `--optim sgd` alone: `Trainer.create_optimizer` puts biases and norm weights in a group with
+# weight_decay 0 that `--optim_args weight_decay=` cannot reach (a group's own value wins), and the authors decay
+# every parameter.
 class PaperSGD(torch.optim.SGD):
     """`paper_sgd` for a Trainer that builds the optimizer itself (under FSDP, which refuses a ready one, since
     the parameters are replaced by their shards): the Trainer's groups exempt biases and norms from weight
@@ -166,6 +174,7 @@ def make_trainer(model_args: ModelArguments, data_args: DataArguments, training_
 def image_trainer(model, data, training_args, trainer_cls=None, **trainer_kwargs):
     """The trainer of `make_trainer` for a model and data already built.
     `optim="sgd"` means the paper's SGD (`paper_sgd`), not the Trainer's momentum-free default."""
+    from .hub import image_processor
     from .metrics import compute_metrics_fn
     from .trainer import ESAMTrainer
 
@@ -175,6 +184,8 @@ def image_trainer(model, data, training_args, trainer_cls=None, **trainer_kwargs
         trainer_kwargs.setdefault("optimizer_cls_and_kwargs", (PaperSGD, paper_sgd_options(training_args)))
     elif training_args.optim == "sgd":
         trainer_kwargs.setdefault("optimizers", (paper_sgd(model, training_args), None))
+    # The Trainer saves its processing_class into every checkpoint: each one then loads as a model folder.
+    trainer_kwargs.setdefault("processing_class", image_processor(model))
     return (trainer_cls or ESAMTrainer)(
         model=model, args=training_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
         data_collator=data.collator, compute_metrics=compute_metrics_fn(top_k), **trainer_kwargs,
@@ -197,13 +208,6 @@ def _clock() -> float:
     if torch.cuda.is_available():  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize()
     return time.perf_counter()
-
-
-def read_json(path: str, default=None):
-    if not os.path.isfile(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
 
 
 class TimelineCallback(TrainerCallback):
@@ -294,248 +298,6 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def read_record(output_dir: str) -> dict | None:
-    path = os.path.join(output_dir, RUN_RECORD)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the run record is damaged; delete {output_dir} "
-                         "(or pass --overwrite_output_dir) to train it again.") from None
-
-
-def write_json(path: str, content: Any) -> None:
-    """Write JSON atomically: a kill mid-write leaves the previous file, never a truncated one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def settings_differences(recorded: dict, settings: dict) -> list[str]:
-    """`section.name: recorded -> now` for every setting that differs."""
-    diffs = []
-    for section in sorted(set(recorded) | set(settings)):
-        old, new = recorded.get(section), settings.get(section)
-        if isinstance(old, dict) and isinstance(new, dict):
-            diffs += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                      if old.get(k) != new.get(k)]
-        elif old != new:
-            diffs.append(f"{section}: {old!r} -> {new!r}")
-    return diffs
-
-
-# What --overwrite_output_dir may delete: the files a run writes (ours and the Trainer's). Anything
-# else in the folder is the user's, and the overwrite is refused rather than deleting it.
-RUN_FILES = frozenset({
-    RUN_RECORD, "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
-    "training_args.bin", "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-    "preprocessor_config.json", "README.md", "runs", "timeline.json",
-})
-RUN_PATTERNS = ("checkpoint-*", "tmp-checkpoint-*", "model-*-of-*.safetensors", f"{RUN_RECORD}.tmp-*",
-                "*_results.json.tmp-*")
-# The model code a CIFAR model saves with itself (esam_hf/models' remote-code module and what it imports);
-# any other .py file in the folder is the user's.
-RUN_FILES |= {"modeling_esam_cifar.py", "_cifar.py", "cifar_resnet.py", "cifar_wrn.py", "cifar_pyramidnet.py"}
-LOCK_NAME = ".esam_run.lock"
-# What a checkpoint needs to resume exactly: without the optimizer and scheduler the learning-rate
-# schedule restarts at its peak with fresh momentum; without the ESAM state the SWP draws repeat.
-CHECKPOINT_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "esam_state.pt")
-CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "adapter_model.safetensors", "adapter_model.bin")
-
-
-def _is_run_file(name: str) -> bool:
-    return name in RUN_FILES or any(fnmatch.fnmatch(name, pattern) for pattern in RUN_PATTERNS)
-
-
-def checkpoints(output_dir: str) -> list[str]:
-    """`checkpoint-<step>` folders of `output_dir`, newest (highest step) first."""
-    found = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        step = name.removeprefix("checkpoint-")
-        if name.startswith("checkpoint-") and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(step), os.path.join(output_dir, name)))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def checkpoint_problem(checkpoint: str) -> str | None:
-    """Why `checkpoint` cannot resume a run exactly (a missing, empty, truncated or unparsable file), or None."""
-    if not os.path.isdir(checkpoint):
-        return "it is not a folder"
-    names = set(os.listdir(checkpoint))
-    missing = [n for n in CHECKPOINT_STATE if n not in names]
-    if not names & set(CHECKPOINT_WEIGHTS):
-        missing.insert(0, "the model weights (model.safetensors)")
-    if missing:
-        return f"it lacks {', '.join(missing)}"
-    for name in sorted(names):
-        path = os.path.join(checkpoint, name)
-        if not os.path.isfile(path):
-            continue
-        if os.path.getsize(path) == 0:
-            return f"{name} is empty"
-        if name.endswith(".json"):
-            try:
-                with open(path) as f:
-                    json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return f"{name} is not valid JSON ({e})"
-        elif name.endswith((".pt", ".pth", ".bin")):
-            # torch.save writes a zip whose directory is at the end: a file cut short has none.
-            if not zipfile.is_zipfile(path):
-                return f"{name} is truncated or not a torch file"
-    return None
-
-
-def resolve_checkpoint(output_dir: str, requested: str | bool | None) -> str | None:
-    """The checkpoint to resume: `requested` as given (checked), or for True the newest complete one in
-    `output_dir`, saying which newer ones were skipped and why. Raises ValueError naming every problem."""
-    if not requested:
-        return None
-    if requested is not True:
-        problem = checkpoint_problem(requested)
-        if problem:
-            raise ValueError(f"--resume_from_checkpoint {requested}: {problem}, so the run cannot continue exactly "
-                             "where it stopped. Resume from another checkpoint, or start over.")
-        return requested
-    skipped = []
-    for checkpoint in checkpoints(output_dir):
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            for path, why in skipped:
-                print(f"{PROG}: skipping {path}: {why} (a run killed while saving, or saved with --save_only_model); "
-                      f"resuming from {checkpoint}. Delete the damaged folder to silence this.", file=sys.stderr)
-            return checkpoint
-        skipped.append((checkpoint, problem))
-    if skipped:
-        raise ValueError(f"--resume_from_checkpoint last: no checkpoint in {output_dir} can resume the run exactly ("
-                         + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
-                         + "). Start over with --overwrite_output_dir.")
-    raise ValueError(f"--resume_from_checkpoint last: {output_dir} holds no checkpoint to resume (the run stopped before "
-                     "its first save). Start over with --overwrite_output_dir.")
-
-
-class OutputDirClaim:
-    """This process's hold on an output folder: a lock file created exclusively (so a second run into the
-    same folder is refused, not raced), and the old run's files that `--overwrite_output_dir` replaces,
-    deleted only by `clear_old_run()` once the new run's data and model are built."""
-
-    def __init__(self, output_dir: str, old_files: list[str]):
-        self.output_dir, self.old_files = output_dir, old_files
-        self.lock = os.path.join(output_dir, LOCK_NAME)
-
-    def clear_old_run(self) -> None:
-        for path in self.old_files:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            elif os.path.lexists(path):
-                os.unlink(path)
-        self.old_files = []
-
-    def release(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.lock)
-
-
-def _take_lock(output_dir: str) -> None:
-    lock = os.path.join(output_dir, LOCK_NAME)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(lock) as f:
-                    host, pid = f.read().split()
-            except (OSError, ValueError):  # being written this instant, or damaged
-                host, pid = None, "0"
-            if host == socket.gethostname() and not _alive(int(pid)):
-                os.unlink(lock)  # left by a run that was killed: take it over
-                continue
-            raise ValueError(f"--output_dir {output_dir} is in use by another run (process {pid} on {host}; lock file "
-                             f"{lock}). Wait for it, or choose another --output_dir. If no such run exists, delete the "
-                             "lock file.") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return
-    raise ValueError(f"--output_dir {output_dir}: could not take the lock file {lock}; another run is starting there.")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
-
-def claim_output_dir(output_dir: str, settings: dict, *, resume: str | bool | None, overwrite: bool,
-                     protected: list[str] = ()) -> OutputDirClaim:
-    """Check that a run may write into `output_dir`, then lock it. A folder is reused only to resume an
-    unfinished run with the same settings, or with `overwrite` to replace a run of ours: files that are
-    not a run's, the working directory and a folder holding `protected` paths (the dataset) are never
-    deleted. Raises ValueError saying what is in the way, before anything is built or deleted."""
-    existing = sorted(n for n in os.listdir(output_dir) if n != LOCK_NAME) if os.path.isdir(output_dir) else []
-    old_files: list[str] = []
-    if existing:
-        record = read_record(output_dir)
-        if overwrite:
-            here = os.path.realpath(output_dir)
-            inside = [p for p in [os.getcwd(), *protected] if p and os.path.realpath(p).startswith(here + os.sep) or
-                      p and os.path.realpath(p) == here]
-            if inside:
-                raise ValueError(f"--overwrite_output_dir: {output_dir} holds {inside[0]} (the working directory or "
-                                 "the dataset); choose another --output_dir.")
-            foreign = [n for n in existing if not _is_run_file(n)]
-            if foreign:
-                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-                raise ValueError(f"--overwrite_output_dir only replaces a training run, and {output_dir} also holds "
-                                 f"{shown}. Move those away, or choose another --output_dir.")
-            old_files = [os.path.join(output_dir, n) for n in existing]
-        elif resume:
-            if record is None:
-                raise ValueError(f"--resume_from_checkpoint: {output_dir} has no {RUN_RECORD}, so what trained it is "
-                                 "unknown; pass --overwrite_output_dir to start over, or choose another --output_dir.")
-            diffs = settings_differences(record["settings"], settings)
-            if diffs:
-                raise ValueError(f"--resume_from_checkpoint: {output_dir} was trained with other settings ("
-                                 + "; ".join(diffs[:8]) + "). Resume with the same options, or pass "
-                                 "--overwrite_output_dir to start over, or choose another --output_dir.")
-            if record.get("status") == "finished":
-                raise ValueError(f"--resume_from_checkpoint: the run in {output_dir} has finished; there is nothing to "
-                                 "resume and its results stand. Train it again with --overwrite_output_dir, or choose "
-                                 "another --output_dir.")
-            if resume is True:
-                resolve_checkpoint(output_dir, True)  # refuse now if nothing can be resumed
-        else:
-            raise ValueError(_occupied_message(output_dir, record))
-    os.makedirs(output_dir, exist_ok=True)
-    _take_lock(output_dir)
-    return OutputDirClaim(output_dir, old_files)
-
-
-def _occupied_message(output_dir: str, record: dict | None) -> str:
-    if record is None:
-        return (f"--output_dir {output_dir} already holds other files. Choose another --output_dir (or, if it holds "
-                "only an old run, replace it with --overwrite_output_dir).")
-    what = f"{record.get('method', '')} run".strip()
-    status = record.get("status")
-    if status == "finished":
-        top1 = (record.get("metrics") or {}).get("eval_accuracy")
-        score = f" (top-1 {top1:.4f})" if isinstance(top1, float) else ""
-        return (f"--output_dir {output_dir} already holds a finished {what}{score}. Replace it with "
-                "--overwrite_output_dir, or choose another --output_dir.")
-    if status in ("running", "failed", "interrupted") and not checkpoints(output_dir):
-        return (f"--output_dir {output_dir} holds a {what} that stopped before its first checkpoint ({status}). "
-                "Start over with --overwrite_output_dir, or choose another --output_dir.")
-    return (f"--output_dir {output_dir} already holds a {status} {what}. Continue it with --resume_from_checkpoint "
-            "last, replace it with --overwrite_output_dir, or choose another --output_dir.")
-
-
 # --------------------------------------------------------------------------- #
 # Training
 # --------------------------------------------------------------------------- #
@@ -549,9 +311,11 @@ def train_image_classifier(model_args: ModelArguments, data_args: DataArguments,
 
     A run that diverged (non-finite gradients or weights) records "diverged", writes its results
     with the reason and raises `TrainingDiverged`: it never reports a score as if it had trained.
-    A run stopped by any other error records "failed" (or "interrupted") with the error. With `claim`
-    (from `claim_output_dir`), the old run it replaces is deleted only once the new data and model are
-    built, so a mistake in the new command costs nothing."""
+    A run stopped by any other error records "failed" (or "interrupted") with the error and its step. With
+    `claim` (from `claim_output_dir`), the old run it replaces is deleted only once the new data and model
+    are built, so a mistake in the new command costs nothing. Every file the run writes goes into the
+    record's manifest (see `esam_hf.run_folder`). Resumed from a checkpoint of its last step, the run
+    finishes without training (`finish_from_last_checkpoint`)."""
     from .trainer import TrainingDiverged, esam_config
 
     output_dir = training_args.output_dir
@@ -561,51 +325,97 @@ def train_image_classifier(model_args: ModelArguments, data_args: DataArguments,
     trainer = image_trainer(model, data, training_args, callbacks=callbacks)
     if claim is not None:
         claim.clear_old_run()
-    record = read_record(output_dir) or {}
-    record.pop("metrics", None)
-    record.update(settings=settings, method=method_of(esam_config(training_args)), recipe=recipe, status="running",
-                  train_samples=len(data.train_dataset) if data.train_dataset is not None else None,
-                  eval_samples=len(data.eval_dataset) if data.eval_dataset is not None else None)
-    record.setdefault("initial_weights_sha256", weights_checksum(trainer.model))
+    folder = RunFolder.open(output_dir, writer=trainer.is_world_process_zero())
+    try:
+        record = folder.record
+        for stale in ("metrics", "error", "global_step"):
+            record.pop(stale, None)
+        record.update(settings=settings, method=method_of(esam_config(training_args)), recipe=recipe, status="running",
+                      train_samples=len(data.train_dataset) if data.train_dataset is not None else None,
+                      eval_samples=len(data.eval_dataset) if data.eval_dataset is not None else None)
+        record.setdefault("initial_weights_sha256", weights_checksum(trainer.model))
+        if resume_from_checkpoint:
+            record["resumed_from"] = resume_source(resume_from_checkpoint, output_dir)
+        folder.save()
+        tracker = RunFolderCallback(folder, trainer.callback_handler.callbacks)
+        trainer.add_callback(tracker)
+        checkpoint = resolve_checkpoint(output_dir, resume_from_checkpoint) if train else None
 
-    if resume_from_checkpoint:
-        record["resumed_from"] = resume_source(resume_from_checkpoint, output_dir)
-    if trainer.is_world_process_zero():
-        os.makedirs(output_dir, exist_ok=True)
-        write_json(os.path.join(output_dir, RUN_RECORD), record)
-
-    metrics: dict[str, Any] = {}
-    if train:
-        try:
-            metrics.update(trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics)
-        except TrainingDiverged as e:
-            _finish(trainer, record, {**metrics, "diverged": str(e)}, status="diverged")
-            raise
-        except BaseException as e:
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            if trainer.is_world_process_zero():
-                write_json(os.path.join(output_dir, RUN_RECORD),
-                           {**record, "status": status, "error": f"{type(e).__name__}: {e}"})
-            raise
-        # Save before evaluating: an evaluation error must not cost the finished training.
-        trainer.save_model()
-        trainer.save_state()
-    if evaluate and trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    broken = [k for k in ("train_loss", "eval_loss") if k in metrics and not math.isfinite(metrics[k])]
-    if broken:  # finite weights whose outputs overflow: no score of this model means anything
-        reason = (f"{' and '.join(broken)} not finite: the weights grew until the model's outputs overflow "
-                  "(lower the learning rate or weight decay)")
-        kept = {k: v for k, v in metrics.items() if not k.endswith("accuracy")}  # scores of a broken model: dropped
-        _finish(trainer, record, {**kept, "diverged": reason}, status="diverged")
-        raise TrainingDiverged(f"training diverged: {reason}")
-    _finish(trainer, record, metrics, status="finished")
-    if train:
-        kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, output_dir, record)
-        trainer.create_model_card(**kwargs)
-        if training_args.push_to_hub:
-            trainer.push_to_hub(**kwargs)
+        metrics: dict[str, Any] = {}
+        if train:
+            try:
+                if checkpoint and checkpoint_ends_run(checkpoint):
+                    metrics.update(finish_from_last_checkpoint(trainer, checkpoint))
+                else:
+                    metrics.update(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+            except TrainingDiverged as e:
+                _finish(trainer, folder, tracker, {**metrics, "diverged": str(e)}, status="diverged")
+                raise
+            except BaseException as e:
+                tracker.sync()
+                record.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                              error=f"{type(e).__name__}: {e}", global_step=trainer.state.global_step)
+                folder.save()
+                raise
+            # Save before evaluating: an evaluation error must not cost the finished training.
+            with folder.writing_to("."):
+                trainer.save_model()
+                trainer.save_state()
+        if evaluate and trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        broken = [k for k in ("train_loss", "eval_loss") if k in metrics and not math.isfinite(metrics[k])]
+        if broken:  # finite weights whose outputs overflow: no score of this model means anything
+            reason = (f"{' and '.join(broken)} not finite: the weights grew until the model's outputs overflow "
+                      "(lower the learning rate or weight decay)")
+            kept = {k: v for k, v in metrics.items() if not k.endswith("accuracy")}  # scores of a broken model: dropped
+            _finish(trainer, folder, tracker, {**kept, "diverged": reason}, status="diverged")
+            raise TrainingDiverged(f"training diverged: {reason}")
+        _finish(trainer, folder, tracker, metrics, status="finished")
+        if train:
+            kwargs = card_kwargs(spec, data, model, model_args, data_args, recipe, output_dir, record)
+            with folder.writing_to("."):
+                trainer.create_model_card(**kwargs)
+                if training_args.push_to_hub:
+                    trainer.push_to_hub(**kwargs)
+    finally:
+        folder.close()
     return metrics
+
+
+def finish_from_last_checkpoint(trainer, checkpoint: str) -> dict[str, Any]:
+    """What resuming from `checkpoint`, saved at the run's last step, leaves to do: nothing to train.
+    (`Trainer.train` would train one step past `max_steps` when that step ends mid-epoch.) The model gets
+    the checkpoint's weights and the trainer its state, the callbacks see a training call that takes no
+    step, and the train metrics are the whole run's: its mean loss over every step, from the log history
+    (a checkpoint's history covers every step up to it; `RunFolderCallback` logs at each save)."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    trainer.state.is_local_process_zero = trainer.is_local_process_zero()
+    trainer.state.is_world_process_zero = trainer.is_world_process_zero()
+    handler = trainer.callback_handler
+    handler.train_dataloader = trainer.get_train_dataloader()
+    trainer.control = handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+        trainer._load_best_model()
+    metrics = {"total_flos": trainer.state.total_flos}
+    loss = whole_run_loss(trainer.state.log_history, trainer.state.global_step)
+    if loss is not None:
+        metrics["train_loss"] = loss
+    trainer.log(metrics)  # the entry an uninterrupted run logs at its end (its callbacks may edit `metrics`, as there)
+    trainer.control = handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    return metrics
+
+
+def whole_run_loss(log_history: list[dict], global_step: int) -> float | None:
+    """The mean training loss over steps 1..`global_step` from the logged losses (each the mean since the
+    previous log), or None when the logs do not cover every step."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry and entry["step"] > last:
+            total, last = total + entry["loss"] * (entry["step"] - last), entry["step"]
+    return total / global_step if global_step and last == global_step else None
 
 
 def restore_card(model_args: ModelArguments, data_args: DataArguments, training_args, recipe: str = "custom") -> str:
@@ -620,12 +430,17 @@ def restore_card(model_args: ModelArguments, data_args: DataArguments, training_
     model = AutoModelForImageClassification.from_pretrained(out)
     trainer = image_trainer(model, data, training_args)
     trainer.state = TrainerState.load_from_json(os.path.join(out, "trainer_state.json"))
-    record = read_record(out) or {}
+    folder = RunFolder.open(out, writer=trainer.is_world_process_zero())
+    record = folder.record
     # The final evaluation ran after trainer_state.json was saved: the record holds it.
     final = {k: v for k, v in (record.get("metrics") or {}).items() if k.startswith("eval_")}
     if final:
         trainer.state.log_history.append(final)
-    trainer.create_model_card(**card_kwargs(spec, data, model, model_args, data_args, recipe, out, record))
+    try:
+        with folder.writing_to("."):
+            trainer.create_model_card(**card_kwargs(spec, data, model, model_args, data_args, recipe, out, record))
+    finally:
+        folder.close()
     return os.path.join(out, "README.md")
 
 
@@ -660,16 +475,19 @@ def card_kwargs(spec, data, model, model_args: ModelArguments, data_args: DataAr
             **({"resumed_from": record["resumed_from"]} if (record or {}).get("resumed_from") else {})}
 
 
-def _finish(trainer, record: dict, metrics: dict, status: str) -> None:
+def _finish(trainer, folder: RunFolder, tracker: RunFolderCallback, metrics: dict, status: str) -> None:
     if trainer.is_world_process_zero():
+        tracker.finish()
         # The transformers examples' files: train_results.json and eval_results.json beside all_results.json.
+        # Not `Trainer.save_metrics`, which writes in place: a kill mid-write would leave a truncated file.
         out = trainer.args.output_dir
         for split, part in (("train", {k: v for k, v in metrics.items() if not k.startswith("eval_")}),
                             ("eval", {k: v for k, v in metrics.items() if k.startswith("eval_") or k == "epoch"})):
             if any(k != "epoch" for k in part):
                 write_json(os.path.join(out, f"{split}_results.json"), part)
         write_json(os.path.join(out, "all_results.json"), metrics)
-        write_json(os.path.join(trainer.args.output_dir, RUN_RECORD), {**record, "status": status, "metrics": metrics})
+        folder.record.update(status=status, metrics=metrics)
+        folder.save()
 
 
 # --------------------------------------------------------------------------- #
@@ -706,24 +524,34 @@ def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
     defaults (and `defaults`) under the flags given; an `--optimizer` that contradicts a flag is refused.
     Without `--recipe`, `default_recipe` (if given; see `default_recipe_for`) supplies the defaults, and
     the command says so: an example script must not train at the Trainer's learning rate by accident."""
+    from .data.specs import NO_EVAL
     from .trainer import ESAMTrainingArguments
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = make_parser([RecipeArguments], prog=prog, add_help=False)
+    types = [RecipeArguments, RunArguments, ModelArguments, DataArguments, ESAMTrainingArguments]
+    pre = make_parser(types, prog=prog, add_help=False)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):  # one argument file
         argv = argument_file_flags(pre, argv[0])
     recipe = pre.parse_known_args(argv)[0]  # the recipe decides the other options' defaults
+    no_eval = recipe.eval_split is not None and recipe.eval_split.lower() == NO_EVAL
+    if no_eval:  # no evaluation split: the recipes' per-epoch evaluation is off too
+        given = explicit_options(pre, argv)
+        strategy = getattr(recipe.eval_strategy, "value", recipe.eval_strategy)
+        asked = ([f"--eval_strategy {strategy}"] if "eval_strategy" in given and strategy != "no" else []) + (
+            ["--do_eval"] if "do_eval" in given and recipe.do_eval else [])
+        if asked:
+            pre.error(f"--eval_split {recipe.eval_split} turns evaluation off, but {' and '.join(asked)} asks for it: "
+                      "drop one of them.")
     if recipe.recipe is None and default_recipe is not None:
         recipe.recipe = default_recipe_for(argv, default_recipe)
         argv = ["--recipe", recipe.recipe, *argv]
         print(f"{prog}: no --recipe given: using the {recipe.recipe!r} recipe's settings for every option you did "
               "not set (`esam-hf recipes` lists them).", file=sys.stderr)
     defaults = {**TRAIN_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(), **(defaults or {}),
-                **recipe_defaults(recipe.recipe, recipe.optimizer)}
+                **recipe_defaults(recipe.recipe, recipe.optimizer), **({"eval_strategy": "no"} if no_eval else {})}
     recipes = "; ".join(f"{name} ({r.model} on {r.dataset}, {r.epochs} epochs)" for name, r in RECIPES.items())
     parser = make_parser(
-        [RecipeArguments, RunArguments, ModelArguments, DataArguments, ESAMTrainingArguments], prog=prog,
-        defaults=defaults, first_group=("ESAM (sharpness-aware minimization)", "esam_"),
+        types, prog=prog, defaults=defaults, first_group=("ESAM (sharpness-aware minimization)", "esam_"),
         description="Train an image classifier with ESAM, SAM or SGD. Recipes: " + recipes + ".",
         epilog="Every transformers TrainingArguments option is accepted. --resume_from_checkpoint last continues "
                "the newest checkpoint in --output_dir.")
@@ -735,13 +563,14 @@ def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
         parser.error(f"--optimizer {recipe_args.optimizer or 'esam'} contradicts {', '.join(conflicts)}: a run is "
                      "labelled by its optimizer, so drop one of them.")
     if not explicit & {"do_train", "do_eval", "do_predict"}:  # neither given: train and evaluate
-        training_args.do_train = training_args.do_eval = True
+        training_args.do_train, training_args.do_eval = True, not no_eval
     return parsed
 
 
 def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG,
-         default_recipe: str | None = None) -> dict[str, Any]:
-    """Parse the options (over `defaults`, or `default_recipe`'s without `--recipe`), train, print the results."""
+         default_recipe: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Parse the options (over `defaults`, or `default_recipe`'s without `--recipe`), train with the extra
+    TrainerCallbacks `callbacks` (e.g. a profiler), print the results."""
     recipe_args, run_args, model_args, data_args, training_args = parse(argv, defaults, prog, default_recipe)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size == 1:
@@ -773,10 +602,13 @@ def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, 
         metrics = train_image_classifier(model_args, data_args, training_args, recipe=recipe_args.recipe or "custom",
                                          resume_from_checkpoint=resume, train=training_args.do_train,
                                          evaluate=training_args.do_eval, claim=claim,
-                                         callbacks=[TimelineCallback(os.path.join(training_args.output_dir, TIMELINE))])
+                                         callbacks=[TimelineCallback(os.path.join(training_args.output_dir, TIMELINE)),
+                                                    *(callbacks or [])])
     except TrainingDiverged as e:  # recorded as diverged in output_dir; no score to print
         print(f"{prog}: training diverged: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except FolderInTheWay as e:  # something appeared in the folder while the new run was being built
+        usage_error(prog, str(e))
     finally:
         if claim is not None:
             claim.release()

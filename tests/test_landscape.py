@@ -487,12 +487,39 @@ def test_main_rejects_a_folder_without_a_saved_model(tmp_path, capsys, no_work):
     assert f"--models: '{tmp_path / 'empty'}' is not a saved model folder (no config.json in it)" in capsys.readouterr().err
 
 
+def _cifar10_subset_classes():
+    from esam_hf.data import load_splits, resolve_dataset
+
+    return load_splits(resolve_dataset("cifar10-subset", eval_split="none"), max_train_samples=1)[2]
+
+
+def test_main_refuses_a_model_whose_classes_are_not_the_datas(tmp_path, capsys, no_work):
+    """The same names in another order would score every image against the wrong class, silently."""
+    from esam_hf.models import create_model
+
+    classes = _cifar10_subset_classes()
+    create_model("cifar_resnet18", classes, channels=[4, 4, 8, 8]).save_pretrained(tmp_path / "right")
+    create_model("cifar_resnet18", classes[::-1], channels=[4, 4, 8, 8]).save_pretrained(tmp_path / "reversed")
+    with pytest.raises(SystemExit) as exit_info:
+        L.main(["--models", f"{tmp_path / 'right'},{tmp_path / 'reversed'}", "--dataset", "cifar10-subset",
+                "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--models {tmp_path / 'reversed'}: the model's classes" in err
+    assert ", ".join(repr(c) for c in classes[::-1]) in err and ", ".join(repr(c) for c in classes) in err
+    assert f"--models {tmp_path / 'right'}" not in err and not (tmp_path / "out").exists()
+    # Fewer classes than the data has is a mismatch too.
+    create_model("cifar_resnet18", classes[:5], channels=[4, 4, 8, 8]).save_pretrained(tmp_path / "five")
+    with pytest.raises(SystemExit):
+        L.main(["--models", str(tmp_path / "five"), "--dataset", "cifar10-subset", "--output_dir", str(tmp_path / "out")])
+    assert f"--models {tmp_path / 'five'}: the model's classes" in capsys.readouterr().err
+
+
 def test_main_on_saved_models(tmp_path, capsys):
     from esam_hf.models import create_model
 
     for name, seed in (("sgd", 0), ("esam", 1)):
         torch.manual_seed(seed)
-        create_model("cifar_resnet18", [str(c) for c in range(10)], channels=[4, 4, 8, 8]).save_pretrained(tmp_path / name)
+        create_model("cifar_resnet18", _cifar10_subset_classes(), channels=[4, 4, 8, 8]).save_pretrained(tmp_path / name)
     before = (tmp_path / "sgd" / "model.safetensors").read_bytes()
     report = L.main(["--models", f"{tmp_path / 'sgd'},{tmp_path / 'esam'}", "--dataset", "cifar10-subset",
                      "--samples", "20", "--batch_size", "10", "--grid", "3", "--hessian_max_iters", "4",

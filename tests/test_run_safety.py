@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from esam_hf.cli import main as cli_main
-from esam_hf.run import LOCK_NAME, claim_output_dir
+from esam_hf.run_folder import LOCK_NAME, claim_output_dir
 
 TINY = ["--model_name", "cifar_resnet18", "--model_kwargs", '{"channels": [8, 16, 32, 64]}', "--use_cpu",
         "--disable_tqdm", "true", "--report_to", "none", "--per_device_train_batch_size", "16",
@@ -41,9 +41,11 @@ def test_overwrite_deletes_nothing_but_a_run_and_only_once_the_new_run_is_built(
     _train(out, "--max_steps", "1", "--save_strategy", "no")
     before = _files(out)
     # A mistake in the new command: the old run survives.
-    with pytest.raises(Exception, match="cifar10-subsett"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
         cli_main(["train", "--output_dir", str(out), *TINY, "--max_steps", "1", "--overwrite_output_dir",
                   "--dataset", "cifar10-subsett"])
+    assert "cifar10-subsett" in capsys.readouterr().err
     assert _files(out) == before
     # Files that are not a run's are never deleted: the overwrite is refused, naming them.
     (out / "notes.txt").write_text("mine")
@@ -54,7 +56,7 @@ def test_overwrite_deletes_nothing_but_a_run_and_only_once_the_new_run_is_built(
     with pytest.raises(SystemExit) as exit_:
         _train(out, "--max_steps", "1", "--overwrite_output_dir")
     assert exit_.value.code == 2
-    assert "also holds my_data, notes.txt, train.py" in capsys.readouterr().err
+    assert "also holds my_data, notes.txt, train.py (not written by the run)" in capsys.readouterr().err
     assert _files(out) == {**before, "notes.txt": b"mine", "train.py": b"# mine", "my_data/train.parquet": b"x"}
     # Never the working directory.
     (out / "notes.txt").unlink()
@@ -104,11 +106,14 @@ def test_a_failed_first_run_is_recorded_and_the_advice_does_not_loop(tmp_path, c
         raise RuntimeError("boom")
 
     out = tmp_path / "run"
-    monkeypatch.setattr(ESAMTrainer, "training_step", broken)
+    step = ESAMTrainer.training_step
+    # Fails at its second step, before its first checkpoint (a run that fails before its first step is replaced).
+    monkeypatch.setattr(ESAMTrainer, "training_step",
+                        lambda self, *a, **k: broken() if self.state.global_step == 1 else step(self, *a, **k))
     with pytest.raises(RuntimeError, match="boom"):
-        _train(out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+        _train(out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
     monkeypatch.undo()
-    assert _record(out)["status"] == "failed" and "boom" in _record(out)["error"]
+    assert _record(out)["status"] == "failed" and "boom" in _record(out)["error"] and _record(out)["global_step"] == 1
     capsys.readouterr()
     with pytest.raises(SystemExit):
         _train(out, "--max_steps", "2")

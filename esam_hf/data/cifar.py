@@ -6,6 +6,7 @@ uint8 tensor keeps the input pipeline far ahead of the model, even with no DataL
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from .errors import DataError, is_disk_full
 from .images import at_row, bad_images_error, decode_rows, raw_images, split_of
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -63,18 +64,28 @@ def cifar_tensors(
 
     images = _decode_images(dataset, image_column, split_of(dataset, split))
     labels = torch.from_numpy(np.asarray(dataset.select_columns([label_column]).with_format("numpy")[:][label_column]))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_cache(path, {"images": images, "labels": labels.long()})
+    return images, labels.long()
+
+
+def _write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # Write a temp file in the same folder, then rename (atomic): an interrupted run, or another process
     # (e.g. a second DDP rank) reading at the same time, never sees a half-written cache.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save({"images": images, "labels": labels.long()}, f)
+            torch.save(tensors, f)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_disk_full(e):  # torch says only "unexpected pos"
+            size = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+            raise OSError(errno.ENOSPC, f"No space left on device while writing the decoded CIFAR cache ({size:.0f} MB) "
+                          f"in {path.parent}. Free space there, or set ESAM_HF_CACHE to a folder on a disk with room.") from e
         raise
-    return images, labels.long()
 
 
 def _load_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from .errors import DataError, listed
 from .images import at_row, decode_image, number_rows, raw_images
@@ -18,6 +21,9 @@ KINDS = ("cifar", "imagenet")
 NO_EVAL = "none"  # eval_split value that turns evaluation off (the command line cannot pass None)
 # A single file loads as a one-split dataset named "train"; these formats keep `Image`/`ClassLabel` features.
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+# Files `datasets` builds a local folder's splits from (an empty one fails the whole folder).
+DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
+IMAGE_SUFFIXES = frozenset(ImageFolder.EXTENSIONS)  # the files an image folder holds, as datasets reads them
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,8 @@ def _inspect(path, image_column=None, label_column=None, kind=None, train_split=
     features = train.features
     image_column = image_column or _first_column(features, datasets.Image)
     label_column = label_column or _first_column(features, datasets.ClassLabel)
+    if image_column is not None and label_column is None and list(features) == [image_column]:
+        _check_image_folder_classes(path)  # images only: an image folder whose labels datasets dropped
     if image_column is None or label_column is None:
         missing = "image column (an Image feature)" if image_column is None else "label column (a ClassLabel feature)"
         raise DataError(
@@ -137,6 +145,26 @@ def _inspect(path, image_column=None, label_column=None, kind=None, train_split=
     return DatasetSpec(str(path), image_column, label_column, train_split, eval_split, kind, class_names)
 
 
+def _check_image_folder_classes(path) -> None:
+    """Why `datasets` gave an image folder no labels: it takes its images' folder names as the classes only
+    when there are at least 2 and every image sits at the same depth."""
+    local = Path(path).expanduser()
+    images = [f for f in local.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES] if local.is_dir() else []
+    classes = sorted({f.parent.name for f in images})
+    if len(classes) == 1:
+        raise DataError(
+            f"{str(path)!r} is an image folder with one class: all its images sit in folders named {classes[0]!r}, "
+            "and an image folder's classes are the names of the folders holding the images (e.g. train/cat/1.png, "
+            "train/dog/2.png). A classifier needs at least 2 classes: add a folder per class."
+        )
+    if classes and len({len(f.relative_to(local).parts) for f in images}) > 1:
+        raise DataError(
+            f"{str(path)!r} is an image folder whose images are not all at the same depth, so datasets takes no "
+            "classes from its folder names: put every image one folder below its split (train/cat/1.png), "
+            "or pass label_column= for a labelled dataset."
+        )
+
+
 def _first_image(ds, image_column, split):
     return decode_image(raw_images(ds, image_column)[0][image_column], where=at_row(0, split))
 
@@ -151,7 +179,7 @@ def load_dataset_dict(path: str) -> datasets.DatasetDict:
         loaded = datasets.load_from_disk(str(local))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     if local.is_dir():
-        return datasets.load_dataset(str(local))
+        return _built(lambda: datasets.load_dataset(str(local)), local)
     cause = None
     if not (str(path).startswith(("/", ".", "~")) or local.exists()):  # could be a Hub id
         try:
@@ -173,7 +201,32 @@ def _load_file(file: Path) -> datasets.DatasetDict:
             f"{str(file)!r} is a file, but only {' / '.join(FILE_BUILDERS)} files keep image features when loaded "
             "on their own. Convert it (e.g. Dataset.to_parquet) or pass the dataset's directory."
         )
-    return datasets.load_dataset(builder, data_files={"train": str(file)})
+    return _built(lambda: datasets.load_dataset(builder, data_files={"train": str(file)}), file)
+
+
+def _built(load, path: Path) -> datasets.DatasetDict:
+    """`load()` of local files, with the errors `datasets` gives for files it cannot build into splits (a
+    bare DatasetGenerationError, or "Instruction ... corresponds to no data") said in terms of the files."""
+    try:
+        return load()
+    except DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        empty = [str(f) for f in ([path] if path.is_file() else sorted(path.rglob("*"))) if f.is_file()
+                 and not f.stat().st_size and f.suffix.lower() in DATA_SUFFIXES]
+        if empty:
+            raise DataError(f"{listed(empty)} {'is' if len(empty) == 1 else 'are'} empty (0 bytes), so {str(path)!r} "
+                            "cannot be loaded: write the file(s) again, or remove them.") from e
+        raise DataError(
+            f"the files of {str(path)!r} cannot be read as one dataset ({type(cause).__name__}: {cause}). Every split "
+            "needs the same columns with the same types: if they differ (labels that are integers in one split and "
+            "strings in another, say), make them agree (e.g. with Dataset.cast_column) and write the files again."
+        ) from e
+    except ValueError as e:
+        split = re.search(r'Instruction "([^"]+)" corresponds to no data', str(e))
+        if split is None:
+            raise
+        raise DataError(f"split {split[1]!r} of {str(path)!r} has no rows, and datasets cannot load a folder with an "
+                        "empty split: remove that split's files, or write them again with data.") from e
 
 
 def load_splits(
@@ -216,6 +269,8 @@ def load_splits(
     return out["train"], out.get("eval"), class_names
 
 
+# Not `Dataset.train_test_split(stratify_by_column=)`: it needs a ClassLabel column, 2 rows of every class and
+# n >= the number of classes, which plain labels, rare classes and `--max_eval_samples 8` of 10 classes are not.
 def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Indices of `n` rows in random order, each class represented in proportion to its frequency.
 
@@ -334,16 +389,17 @@ def _class_names(train, labels, spec):
             f"label column {spec.label_column!r} of {spec.path!r} holds {values.dtype} values; it needs integer "
             "class ids, class-name strings or a ClassLabel feature. Check label_column."
         )
-    names = [str(i) for i in range(int(values.max()) + 1 if len(values) else 0)]
     used = np.unique(values)
-    empty = len(names) - len(used)
-    if len(names) > max(2 * len(used), len(used) + 10):
+    count = int(values.max()) + 1 if len(values) else 0
+    if count > max(2 * len(used), len(used) + 10):  # before any list of `count` names is built
         raise DataError(
             f"label column {spec.label_column!r} of {spec.path!r} holds plain integers, and its largest label "
-            f"{len(names) - 1} would make a {len(names)}-class model for {len(used)} distinct labels "
+            f"{count - 1} would make a {count}-class model for {len(used)} distinct labels "
             f"({listed([str(v) for v in used[:20]])}): a typo or an outlier, not classes. Fix the labels, or give "
             "them a ClassLabel feature (or class_names=) that lists the classes."
         )
+    names = [str(i) for i in range(count)]
+    empty = len(names) - len(used)
     # Visible without logging set up: the classes a model gets are not to be guessed silently.
     message = (f"label column {spec.label_column!r} of {spec.path!r} is not a ClassLabel: {len(names)} classes named "
                f"'0'..'{len(names) - 1}' after its largest label")

@@ -353,3 +353,71 @@ def test_integer_labels_with_an_outlier_or_a_gap_are_refused_or_announced(make_d
     names = load_splits(resolve_dataset(str(root), label_column="label", eval_split="none"))[2]
     assert names == ["0", "1", "2", "3"]
     assert "4 classes named '0'..'3' after its largest label, 1 of them with no example (0)" in capsys.readouterr().err
+
+
+def test_a_huge_outlier_label_is_refused_at_once_without_allocating_for_it(make_dataset):
+    """A single label of 2**40 once built a list of 2**40 class names before the check. The memory this process
+    may add is capped while it loads (so the old behaviour fails fast, not the machine)."""
+    import resource
+    import time
+
+    images = [png(i) for i in range(6)]
+    root = make_dataset({"train": {"image": images, "label": [0, 1, 0, 1, 0, 2**40]}}, features=_plain_features("int64"))
+    spec = resolve_dataset(str(root), label_column="label", eval_split="none")
+    used = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData"))
+    limits = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (used + 2**29, limits[1]))  # 512 MiB more, at most
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match=rf"largest label {2**40} would make a {2**40 + 1}-class model for 3 "
+                                            "distinct labels"):
+            load_splits(spec)
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, limits)
+    assert time.perf_counter() - start < 2
+
+
+# 9. Files `datasets` cannot build into splits, and an image folder with one class.
+
+def _write_split(root, split, labels, label_type):
+    root.mkdir(exist_ok=True)
+    ds = datasets.Dataset.from_dict({"image": [png(i) for i in range(len(labels))], "label": labels},
+                                    features=_plain_features(label_type))
+    ds.to_parquet(root / f"{split}-00000-of-00001.parquet")
+
+
+def test_int_labels_in_train_and_strings_in_test_say_the_types_disagree(tmp_path, hf_cache):
+    root = tmp_path / "mixed"
+    _write_split(root, "train", [0, 1, 0, 1], "int64")
+    _write_split(root, "test", ["a", "b"], "string")
+    with pytest.raises(DataError, match=r"the files of '.*mixed' cannot be read as one dataset \(ArrowInvalid: .*int64\)"
+                                        r".*labels that are integers in one split and strings in another"):
+        resolve_dataset(str(root), label_column="label")
+
+
+def test_an_empty_split_is_named(tmp_path, hf_cache):
+    root = tmp_path / "empty"
+    _write_split(root, "train", [0, 1, 0, 1], "int64")
+    _write_split(root, "test", [], "int64")  # a valid parquet file without rows
+    with pytest.raises(DataError, match=r"split 'test' of '.*empty' has no rows"):
+        resolve_dataset(str(root), label_column="label")
+    (root / "test-00000-of-00001.parquet").write_bytes(b"")  # a file cut to nothing
+    with pytest.raises(DataError, match=r"test-00000-of-00001.parquet is empty \(0 bytes\)"):
+        resolve_dataset(str(root), label_column="label")
+
+
+def test_an_image_folder_with_one_class_says_so(tmp_path, hf_cache):
+    root = tmp_path / "pets"
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+        for i in range(3):
+            PIL.Image.new("RGB", (8, 8), (i, 0, 0)).save(root / split / "cat" / f"{i}.png")
+    with pytest.raises(DataError, match=r"'.*pets' is an image folder with one class: all its images sit in folders "
+                                        r"named 'cat'.*needs at least 2 classes") as error:
+        resolve_dataset(str(root))
+    assert "could not find the label column" not in str(error.value)
+    # A second class folder makes it a dataset whose classes are the folder names.
+    for split in ("train", "test"):
+        (root / split / "dog").mkdir()
+        PIL.Image.new("RGB", (8, 8), (9, 0, 0)).save(root / split / "dog" / "0.png")
+    assert load_splits(resolve_dataset(str(root)))[2] == ["cat", "dog"]

@@ -76,6 +76,23 @@ def test_stratified_indices_are_proportional_for_imbalanced_classes():
     assert np.bincount(labels[idx]).tolist() == [60, 30, 10]
 
 
+@pytest.mark.parametrize("labels, n, feature", [
+    (np.repeat(np.arange(10), 5), 8, "ClassLabel"),  # --max_eval_samples 8 of 10 classes
+    (np.array([0] * 20 + [1] * 20 + [2]), 10, "ClassLabel"),  # a class with a single image
+    (np.repeat([0, 1], 10), 4, "int64"),  # plain integer labels
+])
+def test_stratified_subsets_where_datasets_stratified_split_refuses(labels, n, feature):
+    """Why `stratified_indices` is not `train_test_split(stratify_by_column=)`: that refuses these subsets."""
+    label = datasets.ClassLabel(num_classes=int(labels.max()) + 1) if feature == "ClassLabel" else datasets.Value(feature)
+    ds = datasets.Dataset.from_dict({"label": labels.tolist()}, features=datasets.Features({"label": label}))
+    with pytest.raises(ValueError):
+        ds.train_test_split(test_size=n, stratify_by_column="label", seed=0)
+    idx = stratified_indices(labels, n, seed=0)
+    counts = np.bincount(labels[idx], minlength=labels.max() + 1)
+    expected = n * np.bincount(labels) / len(labels)
+    assert len(set(idx.tolist())) == n and np.all(np.abs(counts - expected) < 1)  # floor or ceil of each share
+
+
 def test_unknown_paths_and_hub_ids_fail_clearly(tmp_path):
     with pytest.raises(DataError, match="neither a local directory nor a dataset reachable on the Hugging Face Hub"):
         resolve_dataset(str(tmp_path / "does-not-exist"))
