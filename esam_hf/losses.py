@@ -68,10 +68,34 @@ def model_head(model: torch.nn.Module) -> str | None:
     return head
 
 
+def output_loss(outputs: Any) -> Any:
+    """The loss in a model's outputs, where `Trainer.compute_loss` reads it: `outputs["loss"]` of a dict or
+    `ModelOutput`, else `outputs[0]` (a tuple, as `return_dict=False` gives); None when there is none."""
+    if isinstance(outputs, Mapping):
+        return outputs.get("loss")
+    if isinstance(outputs, (tuple, list)) and outputs:
+        return outputs[0]
+    return getattr(outputs, "loss", None)
+
+
+def output_logits(outputs: Any) -> torch.Tensor | None:
+    """The logits in a model's outputs: `logits` of a dict or `ModelOutput`; of a tuple, the tensor after
+    a one-element loss (`(loss, logits, ...)`, the order of transformers' `return_dict=False` outputs)."""
+    if isinstance(outputs, Mapping):
+        return outputs.get("logits")
+    if isinstance(outputs, (tuple, list)):
+        if (len(outputs) >= 2 and isinstance(outputs[0], torch.Tensor) and outputs[0].numel() == 1
+                and isinstance(outputs[1], torch.Tensor)):
+            return outputs[1]
+        return None
+    return getattr(outputs, "logits", None)
+
+
 def infer_head(outputs: Any, inputs: Mapping) -> str | None:
-    """"classification" when the outputs and batch can only mean a single-label classifier (float `logits`
-    [B, C] and integer `labels` [B]); else None. A guess: the trainer confirms it on the first batch."""
-    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    """"classification" when the outputs and batch can only mean a single-label classifier (float logits
+    [B, C], from `logits` or a `(loss, logits)` tuple, and integer `labels` [B]); else None. A guess: the
+    trainer confirms it on the first batch."""
+    logits = output_logits(outputs)
     labels = inputs.get("labels")
     if (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor) and logits.dim() == 2
             and logits.is_floating_point() and labels.dim() == 1 and not labels.is_floating_point()
@@ -104,7 +128,7 @@ def problem_type(config: Any, logits: torch.Tensor, labels: torch.Tensor) -> str
 def per_example_scores(head: str, outputs: Any, inputs: Mapping, config: Any = None,
                        label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-example losses [B] of a `head` (see `model_head`) from a model's outputs and its inputs."""
-    logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
+    logits = output_logits(outputs)
     labels = inputs.get("labels")
     if logits is None or labels is None:
         missing = "logits in the model's outputs" if logits is None else "`labels` in the batch"

@@ -46,3 +46,24 @@ def test_trainer_honours_label_smoothing_factor(tmp_path):
     logits, labels = torch.randn(4, 4), torch.tensor([0, 1, 2, 3])
     got = trainer.compute_per_example_loss({"logits": logits}, {"labels": labels})
     torch.testing.assert_close(got, F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.2))
+
+
+def test_tuple_outputs_are_read_as_the_trainer_reads_them():
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from esam_hf.losses import infer_head, per_example_scores
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(4, 3, generator=g), torch.tensor([0, 2, 1, 2])
+    loss = F.cross_entropy(logits, labels)
+    batch = {"labels": labels}
+    expected = torch.stack([F.cross_entropy(logits[i:i + 1], labels[i:i + 1]) for i in range(4)])
+    # (loss, logits) as `return_dict=False` gives it: the logits follow the loss.
+    for outputs in [(loss, logits), [loss, logits, torch.randn(4, 8)], SequenceClassifierOutput(loss=loss, logits=logits)]:
+        assert infer_head(outputs, batch) == "classification"
+        torch.testing.assert_close(per_example_scores("classification", outputs, batch), expected)
+    # Shapes that do not say "classifier", or a first element that is no loss: no guess.
+    assert infer_head((loss, torch.randn(4, 5, 3)), batch) is None
+    assert infer_head((logits, torch.randn(4, 3)), batch) is None
+    with pytest.raises(ValueError, match="need logits in the model's outputs"):
+        per_example_scores("classification", (logits,), batch)
