@@ -1,46 +1,57 @@
 #!/usr/bin/env bash
-# Everything owed on a lent GPU, in one call of at most ~9 minutes (one H200/H100):
-#   1. `esam-hf bench`: the three GPU settings (SGD, SAM, ESAM, random selection; interleaved repeats);
-#   2. `benchmarks/profile_step.py`: one profiled step per method (ResNet-18, batch 512, bf16, channels_last);
-#   3. `benchmarks/fsdp_check.py`: ESAMTrainer under the Trainer's FSDP2 against one process without it;
-#   4. `esam-hf reproduce`: ResNet-18 on complete CIFAR-10, batch 512 bf16 channels_last, SGD, SAM, ESAM
-#      and random selection, one seed, toward 30 epochs, for as long as the budget allows. The runs live
-#      in .gpu_check/ (git-ignored), so a second call on the still-warm machine resumes them from their
-#      last epoch checkpoint; each call's summary says how many epochs each run reached.
-# Everything is written under $OUT (env.json: device, versions, date; one log and JSON per part;
-# summary.md), and summary.md is printed at the end.
+# Everything owed on a lent GPU (one H200/H100), in two calls:
+#   bash benchmarks/gpu_check.sh DATA_DIR            # call 1, at most ~9 minutes (BUDGET 540):
+#     `esam-hf reproduce`: ResNet-18 on the complete CIFAR-10, batch 512 bf16 channels_last, 30 epochs, one
+#     seed: the recommended mode (esam_ascent) and SAM first, then SGD and the paper's ESAM, so a call cut
+#     short still answers the main question. The runs live in .gpu_check/ (git-ignored): a second call on the
+#     still-warm machine resumes them from their last epoch checkpoint.
+#   bash benchmarks/gpu_check.sh --short DATA_DIR    # call 2, about 4 minutes (BUDGET 240):
+#     1. `esam-hf bench` at ResNet-18 batch 512 bf16 and the GPU-bound WRN-28-10 batch 128 bf16 (where SWP's
+#        and SDS's FLOP savings should show) for the recommended mode, SAM, SGD and the paper's ESAM;
+#     2. `benchmarks/profile_step.py`: three profiled bare steps per method and the GPU's busy fraction;
+#     3. `benchmarks/profile_train.py`: 20 profiled steps inside a real `esam-hf train` (the whole Trainer path);
+#     4. `benchmarks/fsdp_check.py`: ESAMTrainer under the Trainer's FSDP2 against one process without it;
+#     5. with what is left: the same `esam-hf train` profile under --torch_compile (what compiling costs and saves).
+# Everything is written under $OUT (env.json: device, versions, date; one log and JSON per part; summary.md),
+# and summary.md is printed at the end.
 #
 #   source WHEELS/install.sh WHEELS && pip install --no-deps --no-build-isolation -e .
-#   OUT=... bash benchmarks/gpu_check.sh DATA_DIR      # DATA_DIR: the CIFAR-10 copy (img/label parquet)
-#   OUT=... bash benchmarks/gpu_check.sh --dry-run     # CPU, tiny sizes, about a minute: checks this script
+#   OUT=... bash benchmarks/gpu_check.sh [--short] DATA_DIR   # DATA_DIR: the CIFAR-10 copy (img/label parquet)
+#   OUT=... bash benchmarks/gpu_check.sh [--short] --dry-run  # CPU, tiny sizes, a minute or two: checks this script
 #
-# BUDGET (seconds, default 540) bounds the whole call; each part stops at its share. RUNS overrides
-# where the reproduce runs live (default .gpu_check/).
+# BUDGET (seconds) bounds the whole call; each part stops at its share. RUNS overrides where the reproduce runs
+# live (default .gpu_check/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
+SHORT=0
 DATA=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -*) echo "gpu_check.sh: unknown option $arg (use --dry-run, or give the data directory)" >&2; exit 2 ;;
+    --short) SHORT=1 ;;
+    -*) echo "gpu_check.sh: unknown option $arg (use --short, --dry-run, or give the data directory)" >&2; exit 2 ;;
     *) DATA="$arg" ;;
   esac
 done
 OUT="${OUT:-benchmarks/results/gpu_check}"
-BUDGET="${BUDGET:-540}"
+BUDGET="${BUDGET:-$([ "$SHORT" = 1 ] && echo 240 || echo 540)}"
 START=$(date +%s)
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+METHODS=esam_ascent,sam,sgd,esam  # the recommended mode and SAM first
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 if [ "$DRY" = 1 ]; then
   DATA="${DATA:-cifar10-subset}"
-  BENCH=(--settings 0 --methods sgd,sam,esam_random --steps 2 --warmup 1 --repeats 1)
-  PROFILE=(--batch 8)
-  REPRO=(--recipe demo --methods sgd,esam_random --seeds 0 --num_train_epochs 1 --max_train_samples 64
+  BENCH=(--settings 0 --methods "$METHODS" --steps 2 --warmup 1 --repeats 1)
+  PROFILE=(--batch 8 --repeats 1 --steps 1)
+  TRAIN=(--recipe demo --max_steps 6 --max_train_samples 64 --max_eval_samples 32 --save_strategy no
+         --eval_strategy no --dataloader_num_workers 0)
+  TRACE=(--skip 2 --steps 3)
+  REPRO=(--recipe demo --methods esam_ascent,sgd --seeds 0 --num_train_epochs 1 --max_train_samples 64
          --max_eval_samples 32 --per_device_eval_batch_size 32 --dataloader_num_workers 0 --no_plots)
   RUNS="${RUNS:-.gpu_check/dry-run}"
 else
@@ -49,9 +60,13 @@ else
   fi
   python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu_check.sh: no GPU here; use --dry-run on a CPU" >&2; exit 2; }
-  BENCH=(--settings 0,1,2 --methods sgd,sam,esam,esam_random --steps 100 --warmup 10 --repeats 3)
+  BENCH=(--settings 1,2 --methods "$METHODS" --steps 60 --warmup 10 --repeats 2)
   PROFILE=(--batch 512 --bf16 --channels_last)
-  REPRO=(--recipe cifar10-resnet18 --methods sgd,sam,esam,esam_random --seeds 0 --num_train_epochs 30
+  TRAIN=(--recipe cifar10-resnet18 --per_device_train_batch_size 512 --learning_rate 0.2 --bf16
+         --channels_last --max_steps 40 --save_strategy no --eval_strategy no --dataloader_num_workers 8
+         --esam_selection ascent)
+  TRACE=(--skip 15 --steps 20)
+  REPRO=(--recipe cifar10-resnet18 --methods "$METHODS" --seeds 0 --num_train_epochs 30
          --batch_size 512 --bf16 --channels_last --per_device_eval_batch_size 1024 --dataloader_num_workers 8
          --save_total_limit 1)
   RUNS="${RUNS:-.gpu_check/reproduce}"
@@ -78,14 +93,29 @@ part() {  # part NAME SHARE_SECONDS command...: run with a time limit; a part cu
 }
 
 echo "# gpu_check $(date +%F) on $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["device"])' "$OUT/env.json")" > "$OUT/summary.md"
-part bench $(( $(left) * 30 / 100 )) esam-hf bench "${BENCH[@]}" --dataset "$DATA" --output_dir "$OUT/bench"
-part profile $(( $(left) * 25 / 100 )) python3 benchmarks/profile_step.py "${PROFILE[@]}" --json "$OUT/profile.json"
-part fsdp2 60 python3 benchmarks/fsdp_check.py --out "$OUT/fsdp2" $([ "$DRY" = 1 ] && echo --dry-run)
-part reproduce $(( $(left) - 20 )) esam-hf reproduce "${REPRO[@]}" --dataset "$DATA" --output_dir "$RUNS"
 
-{ echo; echo "## bench"; cat "$OUT/bench/throughput.md" 2>/dev/null || echo "(none)"
-  echo; echo "## FSDP2 against one process"; cat "$OUT/fsdp2/fsdp_check.json" 2>/dev/null || echo "(none)"
-  echo; echo "## reproduce (epochs reached per run)"
+if [ "$SHORT" = 1 ]; then
+  part bench $(( $(left) * 35 / 100 )) esam-hf bench "${BENCH[@]}" --dataset "$DATA" --output_dir "$OUT/bench"
+  part profile $(( $(left) * 20 / 100 )) python3 benchmarks/profile_step.py "${PROFILE[@]}" --json "$OUT/profile.json"
+  part train_profile $(( $(left) * 30 / 100 )) python3 benchmarks/profile_train.py --out "$OUT/train_profile" "${TRACE[@]}" \
+    -- "${TRAIN[@]}" --dataset "$DATA" --output_dir "$OUT/train_profile/run"
+  part fsdp2 60 python3 benchmarks/fsdp_check.py --out "$OUT/fsdp2" $([ "$DRY" = 1 ] && echo --dry-run)
+  part compiled_profile $(( $(left) - 10 )) python3 benchmarks/profile_train.py --out "$OUT/compiled_profile" \
+    "${TRACE[@]}" -- "${TRAIN[@]}" --torch_compile true --dataset "$DATA" --output_dir "$OUT/compiled_profile/run"
+  rm -rf "$OUT/train_profile/run" "$OUT/compiled_profile/run"  # model weights: not results
+  { echo; echo "## bench"; cat "$OUT/bench/throughput.md" 2>/dev/null || echo "(none)"
+    echo; echo "## bare step profile"; cat "$OUT/profile.json" 2>/dev/null || echo "(none)"
+    echo; echo "## esam-hf train profile (eager, then torch_compile)"
+    cat "$OUT/train_profile/profile.json" 2>/dev/null || echo "(none)"
+    cat "$OUT/compiled_profile/profile.json" 2>/dev/null || echo "(none)"
+    echo; echo "## FSDP2 against one process"; cat "$OUT/fsdp2/fsdp_check.json" 2>/dev/null || echo "(none)"
+  } >> "$OUT/summary.md"
+  echo; cat "$OUT/summary.md"
+  exit 0
+fi
+
+part reproduce $(( $(left) - 20 )) esam-hf reproduce "${REPRO[@]}" --dataset "$DATA" --output_dir "$RUNS"
+{ echo; echo "## reproduce (epochs reached per run)"
   for run in "$RUNS"/*/; do
     [ -d "$run" ] || continue
     python3 - "$run" <<'PY'

@@ -46,8 +46,8 @@ GPU_SETTINGS = [
 CPU_SETTINGS = [Setting("cifar_resnet18 (1/4 width) b64 fp32 [CPU]", "cifar_resnet18", 64,
                         model_kwargs={"channels": [16, 32, 64, 128]})]
 
-# name -> (trainer class, ESAM arguments); beta/gamma of "esam" are the ResNet-18 recipe's. As in `reproduce`,
-# "esam" is the paper's ESAM (sharpness selection) and "esam_random" ESAMTrainer's default mode.
+# name -> (trainer class, ESAM arguments); beta/gamma are the ResNet-18 recipe's. As in `reproduce`, "esam" is the
+# paper's ESAM (sharpness selection), "esam_random" a random subset for the descent, "esam_ascent" for the ascent.
 METHODS = {
     "sgd": (Trainer, {"esam_rho": 0.0}),
     "esam_rho0": (ESAMTrainer, {"esam_rho": 0.0}),
@@ -56,6 +56,7 @@ METHODS = {
     "esam_gamma_warmup": (ESAMTrainer, {"esam_beta": 0.6, "esam_gamma": 0.5, "esam_selection": "sharpness",
                                         "esam_gamma_warmup": 0.3}),
     "esam_random": (ESAMTrainer, {"esam_beta": 0.6, "esam_gamma": 0.5, "esam_selection": "random"}),
+    "esam_ascent": (ESAMTrainer, {"esam_beta": 0.6, "esam_gamma": 0.5, "esam_selection": "ascent"}),
 }
 
 
@@ -93,7 +94,8 @@ def _trainer(setting: Setting, method: str, dataset: str, steps: int, warmup: in
 
 
 RATIOS = [("esam", "sgd"), ("sam", "sgd"), ("esam", "sam"), ("esam_rho0", "sgd"), ("esam_gamma_warmup", "sgd"),
-          ("esam_gamma_warmup", "sam"), ("esam_random", "sgd"), ("esam_random", "sam")]
+          ("esam_gamma_warmup", "sam"), ("esam_random", "sgd"), ("esam_random", "sam"), ("esam_ascent", "sgd"),
+          ("esam_ascent", "sam")]
 
 
 def run_setting(setting: Setting, methods: list[str], dataset: str, steps: int | None, warmup: int, repeats: int,
@@ -164,11 +166,14 @@ def markdown(results: list[dict], env: dict, repeats: int) -> str:
              f"{env['date']}. Median over {repeats} interleaved repeats; ratios taken within each repeat, "
              "median [min-max].", ""]
     methods = list(results[0]["images_per_s"])
-    shown = [k for k in ("esam/sgd", "sam/sgd", "esam/sam", "esam_random/sgd", "esam_random/sam", "esam_rho0/sgd")
-             if k in results[0]["ratios"]]
+    shown = [k for k in ("esam_ascent/sgd", "esam_ascent/sam", "esam/sgd", "sam/sgd", "esam/sam", "esam_random/sgd",
+                         "esam_random/sam", "esam_rho0/sgd") if k in results[0]["ratios"]]
+
+    def header(ratio):  # ESAM/SAM, ascent/SAM, random/SGD
+        return "/".join(m.removeprefix("esam_") if m.startswith("esam_") else m.upper() for m in ratio.split("/"))
+
     lines.append("| setting | timed steps | " + " | ".join(f"{m} img/s" for m in methods) + " | "
-                 + " | ".join(k.replace("esam_random", "random").upper().replace("RANDOM", "random") for k in shown)
-                 + " | pipeline img/s |")
+                 + " | ".join(header(k) for k in shown) + " | pipeline img/s |")
     lines.append("|---" * (len(methods) + len(shown) + 3) + "|")
     for r in results:
         cells = [str(r["timed_steps"])] + [f"{r['images_per_s'][m]:.0f}" for m in methods]

@@ -30,13 +30,15 @@ from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_prob
 SAM_RADIUS = "sam_radius"
 # method -> (recipe optimizer, extra ESAMTrainingArguments). `esam` is the paper's ESAM (the recipe's rho,
 # sharpness selection); `esam_warmup` the same with SDS starting at the whole batch and reaching gamma after
-# 30% of training; `esam_random` ESAMTrainer's default mode: a uniform random subset, perturbing as far as SAM.
+# 30% of training; `esam_random` a uniform random subset for the descent and `esam_ascent` for the ascent (the
+# descent on the whole batch), both perturbing as far as SAM.
 METHODS = {
     "sgd": ("sgd", {}),
     "sam": ("sam", {}),
     "esam": ("esam", {"esam_selection": "sharpness"}),
     "esam_warmup": ("esam", {"esam_selection": "sharpness", "esam_gamma_warmup": 0.3}),
     "esam_random": ("esam", {"esam_selection": "random", "esam_rho": SAM_RADIUS}),
+    "esam_ascent": ("esam", {"esam_selection": "ascent", "esam_rho": SAM_RADIUS}),
 }
 # Fields that make a method what it is: re-imposed over the command line, so `--esam_rho 0.1`
 # changes SAM and ESAM but leaves SGD plain SGD (and `--esam_gamma 0.3` leaves SAM SAM).

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,13 +16,16 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 from transformers.utils import logging
 
 from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, SELECTIONS, check_esam_args, scheduled_gamma
-from .losses import infer_head, label_counts, model_head, per_example_scores, unwrap_model
+from .losses import infer_head, label_counts, model_head, output_loss, per_example_scores, unwrap_model
 
 ESAM_STATE_NAME = "esam_state.pt"
 # Warn when the SDS rows' top-class share exceeds the batch's by this much (a random half: ~0.05).
 CONCENTRATION_WARNING = 0.25
-# ... and only while the logged loss stays above this share of the first logged loss (a stall).
+# ... and only while the logged loss stays above this share of the first logged loss (a stall), judged no
+# sooner than STALL_STEPS optimizer steps after that first logging step: on the README's plateau benchmark
+# (text_plateau.py) the runs that learn reach 0.82x their first loss within 64 steps.
 STALL_DROP = 0.9
+STALL_STEPS = 100
 # Stop as diverged after this many optimizer steps in a row with a non-finite gradient.
 NONFINITE_PATIENCE = 10
 logger = logging.get_logger(__name__)
@@ -59,8 +63,10 @@ class ESAMTrainingArguments(TrainingArguments):
         default="random",
         metadata={"help": "SDS score: 'sharpness' l(w+e) - l(w) (the paper's), 'loss' l(w+e), 'random' "
                           "(a uniform subset: unbiased, and skips the selection forward pass), 'balanced' "
-                          "(the sharpest share of each class in the batch; needs integer class labels), or "
-                          "'clean_loss' (the largest losses at w: no selection forward pass).",
+                          "(the sharpest share of each class in the batch; needs integer class labels), "
+                          "'clean_loss' (the largest losses at w: no selection forward pass), or 'ascent' (SDS on "
+                          "the other pass: the perturbation from a random esam_gamma of the batch, the descent on "
+                          "the whole batch).",
                   "choices": list(SELECTIONS)},
     )
 
@@ -76,13 +82,16 @@ class ESAMTrainingArguments(TrainingArguments):
 IN_BACKWARD_OPTIMIZERS = ("layerwise", "lomo")
 
 
-def check_training_args(args: TrainingArguments) -> None:
+def check_training_args(args: TrainingArguments, allow_zero_epochs: bool = False) -> None:
     """Refuse TrainingArguments that would train nothing, train to NaN, or (at esam_rho > 0) have their
-    update undone, without saying so. Called by `ESAMTrainer.train()`."""
+    update undone, without saying so. Called by `ESAMTrainer.train()` with `allow_zero_epochs=True`:
+    `num_train_epochs=0` (and max_steps <= 0) then passes and trains nothing, as `Trainer.train()` does; a
+    command line that asks to train refuses it (the default)."""
     for name in ("learning_rate", "weight_decay", "max_grad_norm"):
         value = getattr(args, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0 (0 turns clipping off for max_grad_norm), got {value!r}")
+            off = " (0 turns clipping off)" if name == "max_grad_norm" else ""
+            raise ValueError(f"{name} must be a finite number >= 0{off}, got {value!r}")
     optim = str(getattr(args.optim, "value", args.optim))
     if esam_config(args)["esam_rho"] > 0 and any(name in optim for name in IN_BACKWARD_OPTIMIZERS):
         raise ValueError(
@@ -93,6 +102,8 @@ def check_training_args(args: TrainingArguments) -> None:
     for name in ("gradient_accumulation_steps", "per_device_train_batch_size"):
         if not (isinstance(getattr(args, name), int) and getattr(args, name) >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {getattr(args, name)!r}")
+    if allow_zero_epochs and args.max_steps <= 0 and args.num_train_epochs == 0:
+        return
     if args.max_steps == 0:
         raise ValueError("max_steps must be > 0 (a number of optimizer steps) or -1 to train num_train_epochs, got 0")
     if args.max_steps < 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
@@ -168,9 +179,10 @@ class ESAMTrainer(Trainer):
         self._head = model_head(self.model)  # the loss the model trains: how SDS scores its examples
         self._head_inferred = False
         self._scores_checked = False
+        self._outputs_loss_scale = 1  # what the Trainer multiplied the model's own loss by, in `outputs` too
         self._warned_batch_of_one = False
         self._class_shares, self._class_share_steps, self._warned_concentration = None, 0, False
-        self._first_loss: float | None = None
+        self._first_loss: tuple[float, int] | None = None  # (the first logged loss, its global step)
         self.nonfinite_guard = NonFiniteGradientGuard()
         self.add_callback(self.nonfinite_guard)
 
@@ -183,8 +195,9 @@ class ESAMTrainer(Trainer):
         return self.esam
 
     def train(self, *args, **kwargs):
-        check_training_args(self.args)
+        check_training_args(self.args, allow_zero_epochs=True)
         self.esam = None  # `model_init` may build a new model
+        self._first_loss = None  # the stall warning's reference is this run's first logged loss
         guard = self.nonfinite_guard
         guard.reset()
         guard.scaler = self.accelerator.scaler  # fp16 on a GPU: the GradScaler skips non-finite steps itself
@@ -243,7 +256,8 @@ class ESAMTrainer(Trainer):
             groups=inputs.get("labels") if esam.selection == "balanced" else None,
         )
         self.esam_pass = None
-        if esam.last_selection is not None and self._head == "classification":
+        # A uniform random subset cannot concentrate on a class: only scored selections are watched.
+        if esam.last_selection is not None and self._head == "classification" and esam.needs_scores():
             self._record_class_shares(inputs.get("labels"), esam.last_selection)
         return loss
 
@@ -264,16 +278,36 @@ class ESAMTrainer(Trainer):
     def training_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> tuple[torch.Tensor, Any]:
         """`(loss, outputs)`: the loss `Trainer.training_step` differentiates on `inputs`, i.e.
         `compute_loss` scaled for gradient accumulation as the Trainer scales it."""
+        if (self.args.torch_compile or hasattr(self.model, "_orig_mod")) and esam_config(self.args)["esam_gamma"] < 1:
+            # SDS subsets have k rows, not B: one graph for both sizes instead of a recompile for k.
+            _mark_batch_dynamic(inputs)
         with self.compute_loss_context_manager():
             # compute_loss pops `labels` when it computes the loss itself: give it its own dict.
             result = self.compute_loss(model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch)
         loss, outputs = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
+        if not self._scores_checked:
+            # `Trainer.compute_loss` scales the loss in place (`loss *= ...`): when that loss is the model's
+            # own tensor, the loss in `outputs` is scaled too, and the first-batch check has to undo it.
+            own = loss is output_loss(outputs)
+            self._outputs_loss_scale = self._compute_loss_scale(num_items_in_batch) if own else 1
         scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.2x lets subclasses declare it
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         if not scaled:
             loss = loss / self.current_gradient_accumulation_steps
         return loss, outputs
+
+    def _compute_loss_scale(self, num_items_in_batch) -> int:
+        """The factor `Trainer.compute_loss` multiplies the loss by: under `average_tokens_across_devices` the
+        label count `num_items_in_batch` is summed over the processes, so a loss normalised by it is multiplied
+        back by their number (the gradient all-reduce averages over them)."""
+        if not (self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+                and num_items_in_batch is not None):
+            return 1
+        if self.args.n_gpu > 1:
+            return self.args.n_gpu
+        tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return self.accelerator.num_processes // tp_size
 
     def compute_per_example_loss(self, outputs: Any, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """Per-example losses [B] that SDS ranks (no gradient): `per_example_loss_func` if given, else
@@ -316,22 +350,29 @@ class ESAMTrainer(Trainer):
         )
 
     def _check_scores(self, scores, outputs, inputs, num_items_in_batch) -> None:
-        """First batch: do the per-example losses reduce to the loss the model returned? (One host read.)"""
-        loss = outputs.get("loss") if isinstance(outputs, dict) or hasattr(outputs, "get") else None
+        """First batch: do the per-example losses reduce to the loss the model returned? (One host read.)
+
+        The model's loss is a mean over this micro-batch (per label token for token-level heads), or, when
+        the Trainer passed it `num_items_in_batch`, possibly a sum over that count (the accumulated batch
+        on every process); the Trainer's own scaling of it (by the number of processes) is undone first."""
+        loss = output_loss(outputs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             if self._head_inferred and self.label_smoother is None:
                 raise ValueError(self._unknown_loss_message(" (its outputs hold no loss to check a guess against)"))
             return  # the Trainer computes the loss itself (label smoothing) from the same logits
         weights = label_counts(self._head, inputs)
-        if weights is None:
-            expected = scores.float().mean()
-        else:
-            total = num_items_in_batch if num_items_in_batch is not None else weights.sum()
-            expected = (scores.float() * weights).sum() / torch.as_tensor(total, device=scores.device).clamp_min(1)
-        got = loss.detach().float().reshape(())
-        if bool(torch.isclose(expected, got, rtol=1e-3, atol=1e-5)):
+        total = scores.float().sum() if weights is None else (scores.float() * weights).sum()
+        count = scores.new_tensor(scores.numel(), dtype=torch.float) if weights is None else weights.sum()
+        candidates = [total / count.clamp_min(1)]
+        if num_items_in_batch is not None:
+            candidates.append(total / torch.as_tensor(num_items_in_batch, device=scores.device).float().clamp_min(1))
+        candidates = torch.stack(candidates)
+        got = loss.detach().float().reshape(()) / self._outputs_loss_scale
+        if bool(torch.isclose(candidates, got, rtol=1e-3, atol=1e-5).any()):
             return
-        problem = (f" (the mean of its per-example {self._head} losses is {float(expected):.6g}, but it returned "
+        mean, *per_item = candidates.tolist()
+        over_items = f", or {per_item[0]:.6g} over the Trainer's num_items_in_batch" if per_item else ""
+        problem = (f" (the mean of its per-example {self._head} losses is {mean:.6g}{over_items}, but it returned "
                    f"loss {float(got):.6g})")
         if self._head_inferred:
             raise ValueError(self._unknown_loss_message(problem))
@@ -388,22 +429,26 @@ class ESAMTrainer(Trainer):
 
     def _pop_class_shares(self, loss: float | None = None) -> dict[str, float]:
         """The class shares since the last log; a warning when SDS concentrates on one class while the
-        loss is not falling (below STALL_DROP of the first logged loss): concentration alone is common in
-        healthy runs, and a warning that fires on them would teach users to ignore it."""
+        loss is not falling: still above STALL_DROP of the first logged loss at least STALL_STEPS optimizer
+        steps after it. Concentration alone is common in healthy runs, and a warning that fires on them
+        would teach users to ignore it."""
         if not self._class_share_steps:
             return {}
         selected, batch = (self._class_shares / self._class_share_steps).tolist()
         self._class_shares, self._class_share_steps = None, 0
-        if self._first_loss is None:
-            self._first_loss = loss
-        stalled = loss is None or self._first_loss is None or loss > STALL_DROP * self._first_loss
+        step = self.state.global_step
+        if self._first_loss is None and loss is not None:
+            self._first_loss = (loss, step)
+        first, first_step = self._first_loss or (None, step)
+        stalled = loss is not None and step - first_step >= STALL_STEPS and loss > STALL_DROP * first
         if selected - batch > CONCENTRATION_WARNING and stalled and not self._warned_concentration:
             self._warned_concentration = True
             logger.warning(
                 f"SDS is descending on one class at a time: the most frequent class makes up {selected:.0%} of the "
-                f"examples it keeps against {batch:.0%} of the batch. Sharpness selection keeps the examples the "
-                "perturbation hurts most, which near a loss plateau are the batch's majority class, and training "
-                "can stall there. If the loss is not falling, use esam_gamma_warmup (e.g. 0.3), "
+                f"examples it keeps against {batch:.0%} of the batch, and the loss ({loss:.4g}) is still above "
+                f"{STALL_DROP:.0%} of the first logged loss ({first:.4g}) {step - first_step} steps later. Sharpness "
+                "selection keeps the examples the perturbation hurts most, which near a loss plateau are the batch's "
+                "majority class, and training can stall there. Use esam_gamma_warmup (e.g. 0.3), "
                 "esam_selection='random', or a larger learning rate; see the README's 'When SDS stalls'."
             )
         return {"esam/sds_top_class_share": selected, "esam/batch_top_class_share": batch}
@@ -444,9 +489,10 @@ class ESAMTrainer(Trainer):
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         try:
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as e:
-            # torch reports a write that came up short as "unexpected pos", naming neither the disk nor the file.
-            if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space left" in str(e):
+        except Exception as e:  # torch (RuntimeError) and safetensors (SafetensorError) name neither disk nor file
+            from .data.errors import is_disk_full
+
+            if is_disk_full(e):
                 raise OSError(errno.ENOSPC, f"No space left on device while saving {folder} ({e}). Free space "
                               "(or set save_total_limit), delete that incomplete checkpoint, and resume.") from e
             raise
@@ -471,6 +517,11 @@ class ESAMTrainer(Trainer):
         with _naming_damaged_checkpoint(resume_from_checkpoint, "model weights"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+        with _naming_damaged_checkpoint(os.path.join(checkpoint, name) if checkpoint else None, "random-number state"):
+            super()._load_rng_state(checkpoint)
+
 
 @dataclass
 class ESAMSeq2SeqTrainingArguments(ESAMTrainingArguments, Seq2SeqTrainingArguments):
@@ -491,11 +542,35 @@ def _naming_damaged_checkpoint(path: str | None, what: str):
     except Exception as e:  # torch, safetensors and pickle each raise their own types
         if path is None:
             raise
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            # torch's message advises weights_only=False, which would run whatever the file holds; its middle
+            # paragraph says what was refused.
+            paragraphs = [part.strip() for part in str(e).split("\n\n") if part.strip()]
+            detail = f" ({paragraphs[1]})" if len(paragraphs) > 2 else ""
+            raise RuntimeError(
+                f"refusing to load the {what} from {path}: it holds Python objects other than tensors and plain "
+                f"values, which loading could run as code{detail}. Do not load it unless you made it yourself: "
+                "delete that checkpoint folder and resume from an earlier one, or start over."
+            ) from None
         raise RuntimeError(
             f"cannot load the {what} from {path}: {type(e).__name__}: {e}. If the checkpoint is damaged (e.g. a run "
             "killed while saving), delete that checkpoint folder and resume from an earlier one, or start over."
         ) from e
 
+
+
+def _mark_batch_dynamic(batch: dict[str, Any]) -> None:
+    """Let `torch.compile` trace the batch dimension of `batch`'s tensors as a size, not a constant (where
+    the model does not fix it)."""
+    from .esam import batch_size_of
+
+    try:
+        size = batch_size_of(batch)
+    except ValueError:
+        return
+    for value in batch.values() if isinstance(batch, dict) else ():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -513,6 +588,11 @@ def _sum_over_shards(value: torch.Tensor, params) -> torch.Tensor:
     return total.to(value.device)
 
 
+def _local_grads(params) -> list[torch.Tensor]:
+    """The gradients as plain tensors: FSDP2 shards local (no DTensor dispatch per op), sparse ones' values."""
+    return [_local(p.grad) if p.grad.layout == torch.strided else p.grad._values() for p in params]
+
+
 def _all_finite(params: list[torch.Tensor]) -> bool:
     """Whether every weight is finite, on every rank's shard (one host read)."""
     local = [_local(p).detach() for p in params]
@@ -526,46 +606,76 @@ class NonFiniteGradientGuard(TrainerCallback):
     between logging steps.
 
     The finite flag is the gradient norm the Trainer computes at every optimizer step (for clipping,
-    or for logging): when it is not finite, every gradient is set to 0 on the device, so the
-    optimizer's step applies only its momentum and weight decay. The counts stay on the device and
-    are read (`sync`, one host read) at the Trainer's logging steps and at the end of training, so a
-    diverged run stops at the first logging step after the tenth such step in a row. Under an fp16
-    GradScaler the scaler itself skips those steps, and the guard stands down.
+    or for logging). When it is not finite, a fused torch optimizer (`fused=True`, e.g. the Trainer's
+    default `adamw_torch_fused`) is told so through its `found_inf` input, as a GradScaler tells it, and
+    skips the whole update in its kernel; with any other optimizer every gradient is set to 0, so its
+    step applies only momentum and weight decay. The counts stay on the device and are read (`sync`,
+    one host read) at the Trainer's logging steps and at the end of training, so a diverged run stops
+    at the first logging step after the tenth such step in a row. Under an fp16 GradScaler the scaler
+    itself skips those steps, and the guard stands down.
     """
 
     def reset(self):
         self.skipped, self.in_a_row, self.diverged = 0, 0, None
         self._counts: torch.Tensor | None = None  # device: [skipped, current run, longest run since last sync]
         self.grad_norm: torch.Tensor | float | None = None  # set by the trainer before each optimizer step
+        self._told: Any = None  # the optimizer given found_inf for this step
+        self._fused_ready: Any = None  # the fused optimizer known to skip safely
 
     def __init__(self):
         self.scaler = None
         self.reset()
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or self.scaler is not None:
             return
-        # FSDP2 shards: plain ops on the local tensors, without DTensor's per-op dispatch on the host.
-        grads = [_local(p.grad) if p.grad.layout == torch.strided else p.grad._values()
-                 for p in model.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
             return
         norm = self.grad_norm
         if not isinstance(norm, torch.Tensor):  # a Trainer that did not compute it: one pass over the gradients
-            norm = torch.stack(torch._foreach_norm(grads)).norm()
+            norm = torch.stack(torch._foreach_norm(_local_grads(params))).norm()
             # Under FSDP2 each rank holds a shard: every rank must take the same decision.
-            norm = _sum_over_shards(norm, model.parameters())
+            norm = _sum_over_shards(norm, params)
         if type(norm).__name__ == "DTensor":  # a norm left as partial sums over the shards
             norm = norm.full_tensor()
-        bad = ~torch.isfinite(norm.detach().to(grads[0].device))
-        # No foreach op zeroes NaN (NaN * 0 is NaN): one masked_fill_ per tensor, queued without a sync.
-        for g in grads:
-            g.masked_fill_(bad, 0)
-        bad = bad.float()
-        counts = self._counts if self._counts is not None else bad.new_zeros(3)
-        run = (counts[1] + 1) * bad
-        self._counts = torch.stack([counts[0] + bad, run, torch.maximum(counts[2], run)])
+        bad = torch.logical_not(norm.detach().to(_local(params[0].grad).device) < math.inf)  # NaN < inf is False
+        bad_count = bad.float()
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        if self._skips_on_device(inner, params):
+            inner.found_inf = bad_count
+            self._told = inner
+        else:
+            # No foreach op zeroes NaN (NaN * 0 is NaN): one masked_fill_ per tensor, queued without a sync.
+            for g in _local_grads(params):
+                g.masked_fill_(bad, 0)
+        if self._counts is None:
+            self._counts = bad_count.new_zeros(3)
+        skipped, run, longest = self._counts.unbind()
+        skipped.add_(bad_count)
+        run.add_(1).mul_(bad_count)
+        torch.maximum(longest, run, out=longest)
         self.grad_norm = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._told is not None:
+            del self._told.found_inf
+            self._told = None
+
+    def _skips_on_device(self, optimizer, params) -> bool:
+        """Whether `optimizer` takes `found_inf` and can skip this step with it. torch's fused optimizers read
+        it (`_step_supports_amp_scaling`, the flag GradScaler checks); fused SGD with momentum leaves the
+        momentum buffer uninitialised when it skips its very first step, so that one waits for its buffers."""
+        if self._fused_ready is optimizer:
+            return True
+        if not getattr(optimizer, "_step_supports_amp_scaling", False) or type(params[0]).__name__ == "DTensor":
+            return False
+        for group in optimizer.param_groups:
+            if group.get("momentum") and any("momentum_buffer" not in optimizer.state.get(p, {})
+                                             for p in group["params"] if p.grad is not None):
+                return False
+        self._fused_ready = optimizer
+        return True
 
     def sync(self, state=None, control=None) -> None:
         """Read the device counts (one host sync): call at logging steps and at the end of training."""
@@ -574,7 +684,7 @@ class NonFiniteGradientGuard(TrainerCallback):
         skipped, run, longest = (int(v) for v in self._counts.tolist())
         self.skipped += skipped
         self.in_a_row = run
-        self._counts = self._counts.new_tensor([0, run, run])
+        self._counts.copy_(self._counts.new_tensor([0, run, run]))
         if longest >= NONFINITE_PATIENCE and self.diverged is None:
             step = f" (by step {state.global_step})" if state is not None else ""
             self.diverged = f"the gradient was not finite in {longest} optimizer steps in a row{step}"

@@ -13,19 +13,26 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     # This interpreter's scripts (esam-hf, python3) first, whether or not its environment is activated.
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = {**os.environ, "PATH": path, "OUT": str(out), "BUDGET": "600", "RUNS": str(tmp_path / "runs")}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = (out / "summary.md").read_text()
-    for part in ("bench", "profile", "fsdp2", "reproduce"):
-        assert f"[gpu_check] {part}: exit 0" in summary, summary
-    assert json.loads((out / "env.json").read_text())["dry_run"] is True
-    assert "| sgd | 1 |" in summary and "esam_random-seed0: finished" in summary
-    assert json.loads((out / "profile.json").read_text())
-    fsdp = json.loads((out / "fsdp2" / "fsdp_check.json").read_text())
+    env = {**os.environ, "PATH": path, "BUDGET": "900", "RUNS": str(tmp_path / "runs")}
+    for call in ([], ["--short"]):
+        done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *call, "--dry-run"], cwd=tmp_path,
+                              env={**env, "OUT": str(out / (call[0][2:] if call else "long"))}, capture_output=True,
+                              text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    long, short = (out / "long" / "summary.md").read_text(), (out / "short" / "summary.md").read_text()
+    assert "[gpu_check] reproduce: exit 0" in long, long
+    for part in ("bench", "profile", "train_profile", "fsdp2", "compiled_profile"):
+        assert f"[gpu_check] {part}: exit 0" in short, short
+    assert json.loads((out / "long" / "env.json").read_text())["dry_run"] is True
+    assert "| sgd | 1 |" in long and "esam_ascent-seed0: finished" in long
+    profile = json.loads((out / "short" / "profile.json").read_text())
+    assert list(profile["profile"]) == ["esam_ascent", "sam", "esam"]  # the recommended mode first
+    for name in ("train_profile", "compiled_profile"):
+        assert json.loads((out / "short" / name / "profile.json").read_text())["steps"] == 3
+        assert (out / "short" / name / "trace.json").is_file() and not (out / "short" / name / "run").exists()
+    fsdp = json.loads((out / "short" / "fsdp2" / "fsdp_check.json").read_text())
     assert fsdp["agree"] and fsdp["fsdp"]["parameter_type"] == "DTensor" and fsdp["fsdp"]["world"] == 2
-    assert (out / "runs" / "sgd-seed0" / "esam_run.json").is_file()
+    assert (out / "long" / "runs" / "sgd-seed0" / "esam_run.json").is_file()
 
 
 def test_gpu_check_refuses_a_missing_data_directory(tmp_path):

@@ -329,12 +329,23 @@ def test_sds_class_concentration_is_logged_and_warned_about(tmp_path):
     trainer._class_shares, trainer._class_share_steps, trainer._warned_concentration = None, 0, False
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
     trainer._record_class_shares(labels, torch.tensor([0, 1, 2, 3]))  # 3 of 4 kept rows are class 0
-    trainer._first_loss = 1.10
-    with CaptureLogger(trainer_module.logger) as captured:  # concentrated, but the loss is falling: healthy
-        shares = trainer._pop_class_shares(loss=0.70)
+    trainer._first_loss, trainer.state.global_step = None, 10
+    with CaptureLogger(trainer_module.logger) as captured:  # the first logging step: nothing to compare with yet
+        shares = trainer._pop_class_shares(loss=1.10)
     assert shares == {"esam/sds_top_class_share": 0.75, "esam/batch_top_class_share": 0.375}
     assert captured.out == ""
+    trainer.state.global_step = 10 + trainer_module.STALL_STEPS
     trainer._record_class_shares(labels, torch.tensor([0, 1, 2, 3]))
+    with CaptureLogger(trainer_module.logger) as captured:  # concentrated, but the loss is falling: healthy
+        trainer._pop_class_shares(loss=0.70)
+    assert captured.out == ""
+    trainer._record_class_shares(labels, torch.tensor([0, 1, 2, 3]))
+    trainer.state.global_step = 10 + trainer_module.STALL_STEPS - 1
+    with CaptureLogger(trainer_module.logger) as captured:  # not falling, but too soon to tell
+        trainer._pop_class_shares(loss=1.08)
+    assert captured.out == ""
+    trainer._record_class_shares(labels, torch.tensor([0, 1, 2, 3]))
+    trainer.state.global_step = 10 + trainer_module.STALL_STEPS
     with CaptureLogger(trainer_module.logger) as captured:  # concentrated on a plateau: the stall it predicts
         trainer._pop_class_shares(loss=1.08)
     assert "SDS is descending on one class at a time" in captured.out
@@ -349,7 +360,6 @@ def test_sds_class_concentration_is_logged_and_warned_about(tmp_path):
     ({"max_grad_norm": float("inf")}, "max_grad_norm must be a finite number >= 0"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1"),
     ({"max_steps": 0}, "max_steps must be > 0"),
-    ({"max_steps": -1, "num_train_epochs": 0}, "num_train_epochs must be a finite number > 0"),
     ({"max_steps": -1, "num_train_epochs": -2}, "num_train_epochs must be a finite number > 0"),
 ])
 def test_arguments_that_would_train_nothing_or_nan_are_refused_by_train(tmp_path, overrides, match):
@@ -413,6 +423,39 @@ def test_a_non_finite_descent_gradient_never_reaches_the_weights(tmp_path):
     assert not torch.equal(model.head.weight, TinyConvNet().head.weight)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_sgd"])
+def test_a_fused_optimizer_skips_a_non_finite_step_on_the_device_once_its_state_exists(tmp_path, fused):
+    """A fused optimizer is told through found_inf and skips the whole update (weights and momentum as after the
+    previous step); its first step, before any momentum buffer exists, falls back to zeroing the gradient."""
+    def opt(m):
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+
+    snapshots = {}
+
+    class Snap(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            inner = optimizer.optimizer
+            snapshots[state.global_step] = (params_of(model), [inner.state[p]["momentum_buffer"].clone()
+                                                              for p in model.parameters()])
+
+    model = NaNAtPerturbedWeights(nan_steps={0, 2})
+    args = make_args(tmp_path, esam_beta=1.0, esam_gamma=1.0, max_steps=4)
+    trainer = SeqESAMTrainer(model=model, args=args, train_dataset=make_data(64), optimizers=(opt(model), None),
+                             callbacks=[Snap()])
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped == 2
+    (w2, m2), (w3, m3) = snapshots[2], snapshots[3]
+    for k, v in w3.items():
+        if "running" not in k and "num_batches" not in k:
+            if fused:  # skipped on the device: nothing moved
+                assert torch.equal(v, w2[k]), k
+            else:  # zeroed gradient: momentum and weight decay still move the weights
+                assert not torch.equal(v, w2[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(m2, m3)) == fused
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in m3)  # no uninitialised momentum from the skipped first step
+
+
 def test_a_diverging_run_raises_instead_of_reporting_success(tmp_path):
     from esam_hf.trainer import TrainingDiverged
 
@@ -473,10 +516,10 @@ class HostReads:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
-@pytest.mark.parametrize("method", ["trainer", "sgd", "sam", "esam", "random"])
+@pytest.mark.parametrize("method", ["trainer", "sgd", "sam", "esam", "random", "ascent"])
 def test_no_host_read_inside_a_training_step(tmp_path, monkeypatch, method):
     esam = {"sgd": dict(esam_rho=0.0), "sam": dict(esam_beta=1.0, esam_gamma=1.0), "esam": {},
-            "random": dict(esam_selection="random")}.get(method, {})
+            "random": dict(esam_selection="random"), "ascent": dict(esam_selection="ascent")}.get(method, {})
     counts = {}
     for steps in (3, 8):
         reads = HostReads(monkeypatch)
@@ -523,6 +566,52 @@ def test_a_custom_module_trains_under_the_defaults_as_a_hand_written_esam_step(t
         esam.step(loss_fn, (x, y))
         opt.step()
         opt.zero_grad()
+    assert_same_params(model, ref)
+
+
+def test_ascent_selection_trains_as_a_hand_written_loop_of_the_core(tmp_path):
+    """ESAMTrainer in the "ascent" mode against the core driven by hand on the same batches and the same random
+    rows (the core's step is checked against a written-out step in test_esam)."""
+    from esam_hf import ESAM
+
+    rows = []
+
+    class Recorded(ESAM):
+        def _random_rows(self, batch_size, k, like):
+            if rows_to_replay:
+                return rows_to_replay.pop(0)
+            index = super()._random_rows(batch_size, k, like)
+            rows.append(index.clone())
+            return index
+
+    rows_to_replay = []
+    data = make_data(32)
+    model = TinyConvNet()
+    trainer = SeqESAMTrainer(model=model, args=make_args(tmp_path, max_steps=2, esam_rho=0.1, esam_selection="ascent"),
+                             train_dataset=data, optimizers=(sgd(model), None))
+    recorded = Recorded(model, rho=0.1, beta=0.6, gamma=0.5, seed=0, selection="ascent")
+
+    def get_esam():  # the recording instance, where train() would build a plain one
+        trainer.esam = recorded
+        return recorded
+
+    trainer._get_esam = get_esam
+    trainer.train()
+    assert len(rows) == 2 and all(r.shape == (8,) for r in rows)
+    ref = TinyConvNet()
+    opt = sgd(ref)
+    rows_to_replay = [r.clone() for r in rows]
+    esam = Recorded(ref, rho=0.1, beta=0.6, gamma=0.5, seed=0, selection="ascent")
+
+    def loss_fn(b):
+        losses = F.cross_entropy(ref(b[0]).logits, b[1], reduction="none")
+        return losses.mean(), losses.detach()
+
+    for x, y in list(batches(data, 16))[:2]:
+        esam.step(loss_fn, (x, y))
+        opt.step()
+        opt.zero_grad()
+    assert not rows_to_replay
     assert_same_params(model, ref)
 
 
