@@ -4,7 +4,8 @@
   header is built with `huggingface_hub` (`ModelCardData`, `EvalResult`): `library_name`,
   `pipeline_tag`, `base_model`, `datasets` (Hub ids only), `metrics` and a `model-index` with the
   top-1/top-5 accuracies on the evaluation split (its name and size; "subset" when it is one).
-  `save_image_processor` writes the image processor next to the model.
+  `save_image_processor` writes the image processor next to the model; `image_processor` is the one to pass
+  to the Trainer as `processing_class`, so that checkpoints carry it too.
 * Every other model gets the Trainer's own card (`Trainer.create_model_card`: task, dataset,
   metrics, `finetuned_from`) plus `model_cards/esam_section.md` (`add_esam_section`).
 
@@ -14,6 +15,7 @@ import `esam_hf.trainer`: the ESAM hyper-parameters come in as a dict (`esam_con
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -169,9 +171,29 @@ def training_summary(trainer) -> dict[str, Any]:
     summary = next((h for h in reversed(history) if "train_samples_per_second" in h), {})
     if "train_loss" in summary:
         rows["final train loss (mean over the run)"] = summary["train_loss"]
-    if "train_samples_per_second" in summary:
-        rows["throughput (examples/s, whole run)"] = summary["train_samples_per_second"]
+    seconds, per_second = training_time(trainer, summary)
+    if per_second is not None:
+        rows.update({"training time (s, without evaluation)": seconds,
+                     "throughput (examples/s, without evaluation)": per_second} if seconds is not None else
+                    {"throughput (examples/s, whole `train()`, evaluations during it included)": per_second})
     return rows
+
+
+def training_time(trainer, summary: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """(seconds, examples/s) of training alone, evaluations and checkpoints excluded, from the run's
+    `timeline.json` (`esam_hf.timeline.TimelineCallback`, as the README's tables and `esam-hf train`'s report
+    them), when it records this run up to its last step; else `(None, the Trainer's examples/s)`, which
+    counts the evaluations during `train()`."""
+    from .run_folder import read_json
+    from .timeline import TIMELINE, training_throughput
+
+    output_dir = trainer.args.output_dir
+    epochs = (read_json(os.path.join(output_dir, TIMELINE), None) or {}).get("epochs") or [{}]
+    if epochs[-1].get("step") == trainer.state.global_step:  # this run's, not none or another run's
+        seconds, per_second = training_throughput(output_dir)
+        if per_second is not None:
+            return seconds, per_second
+    return None, summary.get("train_samples_per_second")
 
 
 def eval_metrics(trainer) -> dict[str, Any]:
@@ -331,6 +353,12 @@ def is_image_classifier(model, tasks=None) -> bool:
     return isinstance(model, TimmWrapperForImageClassification)
 
 
+def _input_size(config) -> int:
+    """The image side the model's preprocessing works at (its `pretrained_cfg` input size; 224 otherwise)."""
+    size = (getattr(config, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
+    return int(size[-1])
+
+
 def _needs_esam_models(architecture: str | None) -> bool:
     try:
         from .models import CIFAR_MODELS
@@ -356,10 +384,15 @@ def render_model_card(
     license: str | None = None,
     language: str | list[str] | None = None,
     tags: str | list[str] | None = None,
+    folder: str | None = None,
 ) -> str:
-    """The image-classification card (YAML metadata + markdown) of a finished trainer's run."""
+    """The image-classification card (YAML metadata + markdown) of a finished trainer's run; its "Use"
+    snippet loads the model from its Hub id (`hub_model_id`) or, without one, from `./<folder>`
+    (default: the output folder's name)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    hub_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id  # the Trainer's, once it pushed
+    folder = folder or os.path.basename(os.path.normpath(trainer.args.output_dir))
     model = _unwrap(trainer)
     config = getattr(model, "config", None)
     architecture = getattr(config, "architecture", None)
@@ -421,7 +454,10 @@ def render_model_card(
     metric_rows = {}
     for key, value in metrics.items():
         named = _metric_name(key)
-        label = named[1] if named else "Loss" if key == "eval_loss" else None
+        if named and isinstance(value, (int, float)):  # in %, as tables of results show it (model-index: a fraction)
+            metric_rows[f"{named[1]}, % (`{key}`)"] = f"{100 * value:.2f}"
+            continue
+        label = "Loss" if key == "eval_loss" else None
         metric_rows[f"{label} (`{key}`)" if label else f"`{key}`"] = value
 
     template = Template(resources.files("esam_hf.model_cards").joinpath("image_classification.md").read_text())
@@ -436,7 +472,12 @@ def render_model_card(
                    "`import esam_hf.models` first and leave it out.\n\n")
         if _needs_esam_models(architecture) else "",
         remote_code=", trust_remote_code=True" if _needs_esam_models(architecture) else "",
-        model_id=trainer.args.hub_model_id or model_name, versions=_list_versions(framework_versions(timm=is_timm)),
+        remote_code_why=("\n# trust_remote_code=True: the model's code travels with it (modeling_esam_cifar.py), "
+                         "so it needs no esam_hf") if _needs_esam_models(architecture) else "",
+        model_id=hub_id or f"./{folder}", image_size=_input_size(config),
+        use_where="" if hub_id else (f"`./{folder}` is this card's folder, as seen from the folder that holds it: run this "
+                                     f"there, or give its path from elsewhere, or its Hub id once it is pushed.\n\n"),
+        versions=_list_versions(framework_versions(timm=is_timm)),
     )
     return str(ModelCard(text))  # parses the metadata back: a malformed header fails here, not on the Hub
 
@@ -471,8 +512,8 @@ def write_model_card(
     output_dir = output_dir or trainer.args.output_dir
     if esam is None:
         esam = {k: v for k, v in vars(trainer.args).items() if k.startswith("esam_")}
-    text = render_model_card(trainer, esam=esam, model_name=model_name or os.path.basename(os.path.normpath(output_dir)),
-                             **card)
+    folder = os.path.basename(os.path.normpath(output_dir))
+    text = render_model_card(trainer, esam=esam, model_name=model_name or folder, folder=folder, **card)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as f:
@@ -480,28 +521,51 @@ def write_model_card(
     return path
 
 
-def save_image_processor(model, output_dir: str) -> str | None:
-    """Write `preprocessor_config.json` for a timm-wrapper model; return its path (None for other models).
+def image_processor(model):
+    """The image processor of a timm-wrapper model (None for other models) that writes
+    `preprocessor_config.json` when saved: pass it to the Trainer as `processing_class`, and every
+    checkpoint, like the final folder, loads as a model folder (`AutoImageProcessor`, `pipeline`).
 
     `TimmWrapperImageProcessor.save_pretrained` deliberately writes nothing: transformers reads a timm
-    model's preprocessing from `config.json` (`pretrained_cfg`), locally and from the Hub. This file says
-    which processor to build (`image_processor_type`) and holds the same `pretrained_cfg` (plus the
-    resolved `data_config`: size, crop, interpolation, mean, std), so tools that look for a
-    preprocessor config find one and `TimmWrapperImageProcessor` can be built from it alone.
+    model's preprocessing from `config.json` (`pretrained_cfg`), locally and from the Hub. The file says
+    which processor to build (`image_processor_type`: transformers' own, so loading needs no esam_hf) and
+    holds the same `pretrained_cfg` (plus the resolved `data_config`: size, crop, interpolation, mean, std),
+    so tools that look for a preprocessor config find one and the processor can be built from it alone.
     """
     config = getattr(model, "config", model)
     pretrained_cfg = getattr(config, "pretrained_cfg", None)
     if not pretrained_cfg:
         return None
+    return _saving_processor_class()(pretrained_cfg=dict(pretrained_cfg), architecture=config.architecture)
+
+
+@functools.cache
+def _saving_processor_class():
     from transformers import TimmWrapperImageProcessor
 
-    processor = TimmWrapperImageProcessor(pretrained_cfg=dict(pretrained_cfg), architecture=config.architecture)
-    content = {**processor.to_dict(), "pretrained_cfg": dict(pretrained_cfg)}
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, PREPROCESSOR_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    return path
+    class SavingTimmWrapperImageProcessor(TimmWrapperImageProcessor):
+        """`TimmWrapperImageProcessor` whose `save_pretrained` writes `preprocessor_config.json` (see `image_processor`)."""
+
+        def __init__(self, pretrained_cfg: dict, **kwargs):
+            super().__init__(pretrained_cfg, **kwargs)
+            self.pretrained_cfg = dict(pretrained_cfg)  # an attribute, so `to_dict` (the saved file) carries it
+
+        def save_pretrained(self, save_directory, **kwargs) -> list[str]:
+            content = {**self.to_dict(), "image_processor_type": TimmWrapperImageProcessor.__name__}
+            os.makedirs(save_directory, exist_ok=True)
+            path = os.path.join(save_directory, PREPROCESSOR_NAME)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+            return [path]
+
+    return SavingTimmWrapperImageProcessor
+
+
+def save_image_processor(model, output_dir: str) -> str | None:
+    """Write `preprocessor_config.json` (see `image_processor`) for a timm-wrapper model; return its path
+    (None for other models)."""
+    processor = image_processor(model)
+    return processor.save_pretrained(output_dir)[0] if processor is not None else None
 
 
 # --------------------------------------------------------------------------- #

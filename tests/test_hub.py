@@ -75,7 +75,9 @@ def test_image_card_metadata_model_index_and_body(image_run):
                    "`cifar_resnet18` (timm), `channels=[8, 16, 32, 64]`; 0.18 M parameters",
                    "**40 of the 10000 images** of the `test` split: a subset",
                    "bf16 mixed precision (autocast, fp32 weights)", "tiny-recipe", "| optimizer |",
-                   'pipeline("image-classification", model="cifar-esam", trust_remote_code=True)', "du2022efficient"]:
+                   'pipeline("image-classification", model="./cifar-esam", trust_remote_code=True)',
+                   "`./cifar-esam` is this card's folder", "# trust_remote_code=True: the model's code travels with it",
+                   "du2022efficient"]:
         assert needle in text, needle
     for name in ("PyTorch", "Transformers", "timm", "Datasets"):
         assert f"- {name} " in text, name
@@ -176,6 +178,7 @@ def test_text_classification_card_is_the_trainers_plus_esam(tmp_path):
     assert "16 of 872 validation examples" in result.metric_name
     text = path.read_text()
     _assert_no_image_text(text)
+    assert "pypi.org" not in text  # esam-hf is on no package index: nothing to link
     for needle in ["## Sharpness-aware training (ESAM)", "ESAM, rho = 0.05, beta = 0.6, gamma = 0.5, loss selection",
                    "trained from scratch on the SST-2 dataset", "16 of the 872 examples of the `validation` split (a subset)",
                    "| precision | fp32 |", f"- esam_hf {esam_hf.__version__}", "- Transformers "]:
@@ -279,3 +282,81 @@ def test_a_transformers_image_classifier_card_carries_what_the_trainers_does(tmp
         (r.task_type, r.dataset_type, r.metric_type) for r in theirs.eval_results]
     text = cards["esam"].text
     assert "## Sharpness-aware training (ESAM)" in text and "pretrained_cfg" not in text
+
+
+def test_a_pushed_cards_snippet_loads_the_hub_copy(image_run, monkeypatch):
+    """Once the Trainer has a Hub repository (`push_to_hub`), the card's snippet names it instead of the folder."""
+    monkeypatch.setattr(image_run.trainer, "hub_model_id", "me/cifar-esam", raising=False)
+    image_run.trainer.create_model_card(dataset="cifar10-subset")
+    text = (image_run.out / "README.md").read_text()
+    assert 'pipeline("image-classification", model="me/cifar-esam", trust_remote_code=True)' in text
+    assert "is this card's folder" not in text
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """A run as `esam-hf train` trains it: 2 epochs of 4 steps, an evaluation and a checkpoint at each
+    epoch's end, the per-epoch timeline, then the final evaluation, the saved folder and its card."""
+    from esam_hf.run import TIMELINE, DataArguments, ModelArguments, TimelineCallback, train_image_classifier
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    args = _args(out, max_steps=-1, num_train_epochs=2, eval_strategy="epoch", save_strategy="epoch", optim="sgd")
+    metrics = train_image_classifier(ModelArguments("cifar_resnet18", model_kwargs='{"channels": [8, 16, 32, 64]}'),
+                                     DataArguments("cifar10-subset", max_train_samples=64, max_eval_samples=40), args,
+                                     recipe="tiny", callbacks=[TimelineCallback(str(out / TIMELINE))])
+    return SimpleNamespace(out=out, metrics=metrics, card=ModelCard.load(out / "README.md"))
+
+
+def test_card_throughput_is_training_alone_as_in_the_tables(pipeline_run):
+    out, text = pipeline_run.out, pipeline_run.card.text
+    timeline = json.loads((out / "timeline.json").read_text())
+    last = timeline["epochs"][-1]
+    assert len(timeline["epochs"]) == 2 and timeline["train_samples"] == 64
+    # By hand from the timeline: the images of every epoch over the seconds clocked from each epoch's start
+    # to its end, which leave out the evaluations (the Trainer's own number counts them).
+    per_second = 64 * last["epoch"] / last["train_seconds"]
+    assert f"| throughput (examples/s, without evaluation) | {per_second:.4g} |" in text
+    assert f"| training time (s, without evaluation) | {last['train_seconds']:.4g} |" in text
+    whole_run = pipeline_run.metrics["train_samples_per_second"]
+    assert whole_run < per_second and "whole run" not in text
+
+
+def test_card_accuracies_are_percent_as_in_the_tables(pipeline_run):
+    metrics, card = pipeline_run.metrics, pipeline_run.card
+    assert f"| Top-1 accuracy, % (`eval_accuracy`) | {100 * metrics['eval_accuracy']:.2f} |" in card.text
+    assert f"| Top-5 accuracy, % (`eval_top5_accuracy`) | {100 * metrics['eval_top5_accuracy']:.2f} |" in card.text
+    # The model-index stays a fraction, as the Trainer's cards and the Hub's leaderboards have it.
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["accuracy"] == pytest.approx(metrics["eval_accuracy"])
+
+
+def test_every_checkpoint_loads_as_a_model_folder(pipeline_run):
+    """Each checkpoint holds the image processor as the final folder does, so `AutoImageProcessor` and
+    `pipeline` load it as they load the final model."""
+    from transformers import AutoModelForImageClassification, pipeline
+
+    out = pipeline_run.out
+    final = json.loads((out / "preprocessor_config.json").read_text())
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-4", "checkpoint-8"]
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for checkpoint in checkpoints:
+        assert json.loads((checkpoint / "preprocessor_config.json").read_text()) == final
+        processor = AutoImageProcessor.from_pretrained(checkpoint)
+        assert isinstance(processor, TimmWrapperImageProcessor) and type(processor) is TimmWrapperImageProcessor
+        # esam_hf.models is imported here (the backbones registered with timm): no remote code needed.
+        model = AutoModelForImageClassification.from_pretrained(checkpoint).eval()
+        with torch.no_grad():
+            expected = torch.softmax(model(**processor(photo)).logits, -1)[0].max()
+        scores = pipeline("image-classification", model=str(checkpoint))(photo)
+        assert scores[0]["score"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_shipped_cards_link_no_package_index():
+    """esam-hf is on no package index: the cards shipped with the benchmark results link none."""
+    from pathlib import Path
+
+    cards = list((Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("README.md"))
+    assert cards
+    for card in cards:
+        assert "pypi.org" not in card.read_text(), card

@@ -158,7 +158,7 @@ def test_a_rerun_into_a_used_output_dir_is_refused_resumed_or_overwritten(tmp_pa
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_split_flags_and_image_checks_reach_the_data(tmp_path):
+def test_split_flags_and_image_checks_reach_the_data(tmp_path, monkeypatch):
     import io
 
     from PIL import Image
@@ -175,6 +175,7 @@ def test_split_flags_and_image_checks_reach_the_data(tmp_path):
     data.to_parquet(str(tmp_path / "only.parquet"))
     argv = ["train", "--output_dir", str(tmp_path / "run"), *TINY, "--dataset", str(tmp_path / "only.parquet"),
             "--max_steps", "1", "--save_strategy", "no"]
+    monkeypatch.setenv("ESAM_HF_DEBUG", "1")  # the data error itself (its one-line report: test_cli_usability.py)
     # One file is one split, "train": without an eval split named, evaluation has nothing to read.
     with pytest.raises(Exception, match="split 'validation' not found.*available splits: \\['train'\\]"):
         cli_main([*argv, "--eval_split", "validation"])
