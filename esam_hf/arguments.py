@@ -167,7 +167,7 @@ def check_optim_args(args) -> None:
             raise ValueError(f"--optim_args {args.optim_args}: {key} must be {SGD_OPTIM_ARGS[key]}, got {value!r}")
     import torch
 
-    from .run import paper_sgd_options
+    from .paper_sgd import paper_sgd_options
 
     try:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], **paper_sgd_options(args))

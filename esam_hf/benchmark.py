@@ -23,7 +23,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .data import measure_pipeline_throughput
-from .run import DataArguments, ModelArguments, make_trainer, write_json
+from .run import DataArguments, ModelArguments, make_trainer
+from .run_folder import write_json
 from .trainer import ESAMTrainer, ESAMTrainingArguments
 
 

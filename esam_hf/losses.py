@@ -115,6 +115,40 @@ def label_counts(head: str, inputs: Mapping) -> torch.Tensor | None:
     return (labels != -100).sum(dim=-1)
 
 
+def reduction_mismatch(head: str, scores: torch.Tensor, loss: torch.Tensor, inputs: Mapping, num_items_in_batch=None,
+                       loss_scale: int = 1) -> str | None:
+    """Whether the per-example losses `scores` of a `head` reduce to the loss a model returned (one host read):
+    None when `loss` (divided by `loss_scale`, the Trainer's own scaling of it) is their mean over the
+    micro-batch (per label token for token-level heads) or their sum over `num_items_in_batch`; else what
+    they come to against that loss, as a parenthesis for an error or a warning."""
+    weights = label_counts(head, inputs)
+    total = scores.float().sum() if weights is None else (scores.float() * weights).sum()
+    count = scores.new_tensor(scores.numel(), dtype=torch.float) if weights is None else weights.sum()
+    candidates = [total / count.clamp_min(1)]
+    if num_items_in_batch is not None:
+        candidates.append(total / torch.as_tensor(num_items_in_batch, device=scores.device).float().clamp_min(1))
+    candidates = torch.stack(candidates)
+    got = loss.detach().float().reshape(()) / loss_scale
+    if bool(torch.isclose(candidates, got, rtol=1e-3, atol=1e-5).any()):
+        return None
+    mean, *per_item = candidates.tolist()
+    over_items = f", or {per_item[0]:.6g} over the Trainer's num_items_in_batch" if per_item else ""
+    return (f" (the mean of its per-example {head} losses is {mean:.6g}{over_items}, but it returned "
+            f"loss {float(got):.6g})")
+
+
+def unknown_loss_message(model: torch.nn.Module, detail: str = "") -> str:
+    """Why SDS refuses a model whose loss it cannot tell (`detail`: what showed it), and what to do."""
+    name = type(unwrap_model(model)).__name__
+    return (
+        f"ESAMTrainer cannot tell which loss {name} trains{detail}, so SDS (esam_gamma < 1) cannot be "
+        "shown to keep the objective: SDS descends on a subset of each batch, which is the same objective "
+        "only when the loss is a mean of per-example losses (not for contrastive or in-batch-negative "
+        "losses). esam_gamma=1 keeps the objective for any loss. If your loss is a mean over examples, pass "
+        "per_example_loss_func=(outputs, labels) -> Tensor[B] to ESAMTrainer (SDS then ranks by it)."
+    )
+
+
 def problem_type(config: Any, logits: torch.Tensor, labels: torch.Tensor) -> str:
     """`config.problem_type`, or what transformers' classification loss infers when it is unset."""
     declared = getattr(config, "problem_type", None)

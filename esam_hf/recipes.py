@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 OPTIMIZERS = ("sgd", "sam", "esam")
+GENERIC = "generic"
+GENERIC_LR_PER_256 = 0.1
+ANY = "any"  # the `generic` recipe's dataset and model
 # ESAM arguments that make each optimizer what it is; esam keeps the recipe's (or the defaults').
 # What each --optimizer fixes. SGD also turns SWP and SDS off, so that its record and card show nothing
 # of ESAM active (at rho 0 they would change nothing anyway).
@@ -25,7 +29,7 @@ def method_of(esam: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Recipe:
-    dataset: str
+    dataset: str  # the `generic` recipe's are ANY: the dataset and model come from the command line
     model: str
     epochs: int
     batch_size: int  # global
@@ -70,7 +74,7 @@ _CIFAR = {
 }
 
 # The paper's recipes train the paper's ESAM (sharpness selection); ESAMTrainer's default mode is
-# `reproduce --methods esam_random` (random selection at rho x beta), or --esam_selection random.
+# `reproduce --methods esam_ascent` (SDS on the ascent at rho x beta), or --esam_selection ascent.
 _PAPER = {"esam_selection": "sharpness"}
 RECIPES: dict[str, Recipe] = {
     f"{dataset}-{short}": Recipe(dataset, *values, options=_PAPER)
@@ -85,13 +89,13 @@ RECIPES.update({
     "imagenet-resnet101": Recipe("imagenet", "resnet101", 90, 256, 0.1, 1e-4, 0.05, 0.6, 0.5, _IMAGENET_NOTE,
                                  options=_PAPER),
     # Not from the paper: the README's offline CPU demo on the CIFAR-10 subset shipped in the package.
-    # Its ESAM is ESAMTrainer's default mode (random selection at rho 0.05 x beta = 0.03).
+    # Its ESAM is ESAMTrainer's default mode (SDS on the ascent at rho 0.05 x beta = 0.03).
     "demo": Recipe("cifar10-subset", "cifar_resnet18", 10, 64, 0.05, 5e-4, 0.05, 0.6, 0.5,
                    "CPU demo: a quarter-width ResNet-18 on the CIFAR-10 subset shipped in the package; ESAM "
                    "in ESAMTrainer's default mode.",
                    model_kwargs={"channels": [16, 32, 64, 128]}, esam_rho=0.03,
-                   options={"esam_selection": "random"}),
-    # Not from the paper: a CPU benchmark where sharpness-awareness pays (benchmarks/cpu_study.py, NOTES.md):
+                   options={"esam_selection": "ascent"}),
+    # Not from the paper: a CPU benchmark where sharpness-awareness pays (`benchmarks/accuracy.py study`):
     # 1,000 images (100 per class), no augmentation, 40 epochs; SAM at rho 0.2, ESAM at rho 0.12 = 0.2 x beta.
     "cpu-study": Recipe("cifar10-subset", "cifar_resnet18", 40, 64, 0.05, 5e-4, 0.2, 0.6, 0.5,
                         "CPU benchmark: a quarter-width ResNet-18 on 1,000 bundled CIFAR-10 images without "
@@ -100,8 +104,75 @@ RECIPES.update({
                         model_kwargs={"channels": [16, 32, 64, 128]}, esam_rho=0.12,
                         options={"max_train_samples": 1000, "random_crop": False, "horizontal_flip": False,
                                  "cutout": False, "warmup_fraction": 0.25, "optim_args": "nesterov=true",
-                                 "esam_selection": "random"}),
+                                 "esam_selection": "ascent"}),
+    # Not from the paper: for a model no recipe above has (e.g. a ViT), so that an example script never
+    # trains it with another model's recipe under that recipe's name. The batch and learning rate follow
+    # the linear scaling rule (Goyal et al., 2017); ESAM in ESAMTrainer's default mode.
+    GENERIC: Recipe(ANY, ANY, 100, 128, GENERIC_LR_PER_256 * 128 / 256, 1e-4, 0.05, 0.6, 0.5,
+                    f"For any model and dataset no other recipe covers: SGD momentum 0.9, learning rate "
+                    f"{GENERIC_LR_PER_256:g} per 256 images (0.05 at its batch of 128; the example scripts and "
+                    "`reproduce` scale it to the batch you set), weight decay 1e-4, cosine schedule with a 5% "
+                    "warm-up, 100 epochs; ESAM in ESAMTrainer's default mode. A starting point, not a tuned recipe: "
+                    "set what your model needs.",
+                    esam_rho=0.03, options={"esam_selection": "ascent", "warmup_fraction": 0.05}),
 })
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of `--name X` or `--name=X` in argv (the last one), or None."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(f"--{name}="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def default_recipe_for(argv: list[str], fallback: str) -> str:
+    """The recipe whose dataset and model the command line names (`--dataset cifar100 --model_name
+    cifar_wrn28_10` -> cifar100-wrn28-10), else `fallback`'s with the named dataset, else `fallback`."""
+    dataset, model = _option(argv, "dataset"), _option(argv, "model_name")
+    base = RECIPES[fallback]
+    for name, r in RECIPES.items():
+        if r.dataset == (dataset or base.dataset) and r.model == (model or base.model):
+            return name
+    return fallback
+
+
+def example_recipe(dataset: str | None, model: str | None, fallback: str) -> str:
+    """The recipe an example script starts from without `--recipe`: the one for the named `model` (default
+    `fallback`'s) on the named `dataset` (default `fallback`'s), else `fallback` or another recipe for that
+    model on its own dataset, else `generic`: a model without a recipe never gets another model's."""
+    base = get_recipe(fallback)
+    model, dataset = model or base.model, dataset or base.dataset
+    for_model = [name for name, r in RECIPES.items() if r.model == model]
+    on_dataset = [name for name in for_model if RECIPES[name].dataset == dataset]
+    return (on_dataset or ([fallback] if fallback in for_model else for_model) or [GENERIC])[0]
+
+
+def scaled_learning_rate(recipe: Recipe, batch_size: int) -> float:
+    """The recipe's learning rate at global batch `batch_size`, by the linear scaling rule."""
+    return recipe.learning_rate * batch_size / recipe.batch_size
+
+
+def example_arguments(argv: list[str], fallback: str, prog: str) -> tuple[list[str], str]:
+    """`(argv, default_recipe)` for an example script's `esam_hf.run.main`: the recipe `example_recipe`
+    picks for the command line's `--model_name` and `--dataset`, and for `generic` a `--learning_rate`
+    scaled to the command line's batch (unless it sets one), said on stderr."""
+    if _option(argv, "recipe") or (len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))):
+        return argv, fallback  # a recipe, or an argument file: run.parse decides
+    recipe = example_recipe(_option(argv, "dataset"), _option(argv, "model_name"), fallback)
+    if recipe == GENERIC and _option(argv, "learning_rate") is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        per_device = int(_option(argv, "per_device_train_batch_size") or max(1, RECIPES[GENERIC].batch_size // world_size))
+        batch = per_device * int(_option(argv, "gradient_accumulation_steps") or 1) * world_size
+        learning_rate = scaled_learning_rate(RECIPES[GENERIC], batch)
+        argv = [*argv, "--learning_rate", f"{learning_rate:g}"]
+        print(f"{prog}: no recipe has --model_name {_option(argv, 'model_name')}: the 'generic' recipe, at learning rate "
+              f"{learning_rate:g} for the global batch of {batch} ({GENERIC_LR_PER_256:g} per 256 images).",
+              file=sys.stderr)
+    return argv, recipe
 
 
 def get_recipe(name: str) -> Recipe:
@@ -133,10 +204,10 @@ def recipe_defaults(name: str | None, optimizer: str | None) -> dict[str, Any]:
         return dict(OPTIMIZER_ESAM_ARGS[optimizer])
     recipe = get_recipe(name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    named = {k: v for k, v in (("model_name", recipe.model), ("dataset", recipe.dataset)) if v != ANY}
     return {
-        "model_name": recipe.model,
+        **named,  # none for `generic`: the command line's model and dataset
         "model_kwargs": json.dumps(recipe.model_kwargs) if recipe.model_kwargs else None,
-        "dataset": recipe.dataset,
         "output_dir": os.path.join("outputs", f"{name}-{optimizer}"),
         "optim": "sgd",
         "eval_strategy": "epoch",
@@ -181,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         esam = recipe_defaults(name, "esam")
         print(f"| {name} | {r.dataset} | {r.model} | {r.epochs} | {r.batch_size} | {r.learning_rate} | "
               f"{r.weight_decay} | {r.rho} | {esam['esam_rho']} | {r.beta} | {r.gamma} | "
-              f"{esam.get('esam_selection', 'random')} |")
+              f"{esam.get('esam_selection', 'ascent')} |")
     notes = [(name, r.note) for name, r in RECIPES.items() if r.note]
     if notes:
         print()

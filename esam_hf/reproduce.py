@@ -21,10 +21,12 @@ import torch
 
 from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
 from .landscape import LandscapeOptions
+from .landscape import main as landscape_main
+from .plots import _new_figure, _save
 from .recipes import OPTIMIZER_ESAM_ARGS, RECIPES, get_recipe, recipe_defaults, warmup_fraction
-from .run import (TRAIN_DEFAULTS, DataArguments, ModelArguments, checkpoint_problem, checkpoints, read_record,
-                  TIMELINE, TimelineCallback, read_json, restore_card, run_settings, settings_differences,
-                  train_image_classifier, training_throughput, write_json)
+from .run import TRAIN_DEFAULTS, DataArguments, ModelArguments, restore_card, run_settings, train_image_classifier
+from .run_folder import checkpoint_problem, checkpoints, read_json, read_record, settings_differences, write_json
+from .timeline import TIMELINE, TimelineCallback, training_throughput
 
 # Stands for "SAM's radius": the recipe's rho x beta, which SWP's 1/beta scaling brings back to rho.
 SAM_RADIUS = "sam_radius"
@@ -188,7 +190,7 @@ def train_run(model_args, data_args, training_args, recipe: str) -> str:
             restore_card(model_args, data_args, training_args, recipe=recipe)
             print(f"[reproduce] {name}: its model card was missing: written again from the saved run", flush=True)
         return "skip"
-    # The newest complete checkpoint: one killed mid-save is skipped (see esam_hf.run.checkpoint_problem).
+    # The newest complete checkpoint: one killed mid-save is skipped (see esam_hf.run_folder.checkpoint_problem).
     checkpoint = next((c for c in checkpoints(out) if checkpoint_problem(c) is None), None) if state == "cut off" else None
     print(f"[reproduce] {name}: " + (f"resume from {os.path.basename(checkpoint)}" if checkpoint else "train"), flush=True)
     try:
@@ -267,8 +269,6 @@ def _curve_band(timelines: list[list[dict]], x: str, y: str):
 def plot_curves(runs: dict[str, dict[int, dict]], out_dir: str, title: str) -> list[str]:
     """Test accuracy vs epoch and vs training seconds, and train loss vs epoch: one line per method
     (mean over seeds) in a band spanning the seeds."""
-    from .landscape import _new_figure, _save
-
     paths = []
     for x, y, file, xlabel, ylabel, scale in [
         ("epoch", "eval_accuracy", "accuracy_vs_epoch.png", "epoch", "test top-1 (%)", 100),
@@ -330,11 +330,18 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     results = write_results(opts, runs)
     if opts.landscape:
-        from .landscape import reproduce_landscape
-
         results["landscape"] = reproduce_landscape(opts.output_dir, opts.method_list, first_data.dataset,
                                                    seed=opts.seed_list[0], options=opts.landscape_options)
     return results
+
+
+def reproduce_landscape(output_dir: str, methods: list[str], dataset: str, seed: int = 0,
+                        options: LandscapeOptions | None = None) -> dict:
+    """`esam-hf landscape` on one model per method of a `reproduce` output folder, into output_dir/landscape."""
+    return landscape_main(["--models", ",".join(run_dir(output_dir, m, seed) for m in methods),
+                           "--names", ",".join(methods), "--dataset", dataset,
+                           "--output_dir", os.path.join(output_dir, "landscape"),
+                           *(options or LandscapeOptions()).landscape_argv()])
 
 
 def _epochs_trained(loaded: dict) -> str:

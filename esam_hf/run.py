@@ -5,7 +5,8 @@ Every run records what it trained in `esam_run.json` in its output folder: the s
 determine the result, a checksum of the initial weights, the method, its status (running,
 finished or diverged) and every file it wrote. A rerun into that folder is refused unless it resumes
 the same settings or replaces the run. The folder itself (record, checkpoints, claim, lock) is
-`esam_hf.run_folder`'s.
+`esam_hf.run_folder`'s; the per-epoch timeline is `esam_hf.timeline`'s and `--optim sgd`, the authors' SGD,
+`esam_hf.paper_sgd`'s.
 """
 
 from __future__ import annotations
@@ -17,19 +18,18 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from .arguments import argument_file_flags, explicit_options, make_parser, parse_args, usage_error
-from .recipes import RECIPES, RecipeArguments, method_of, optimizer_conflicts, recipe_defaults
+from .paper_sgd import PaperSGD, paper_sgd, paper_sgd_options
+from .recipes import RECIPES, RecipeArguments, default_recipe_for, method_of, optimizer_conflicts, recipe_defaults
 # The output folder (record, manifest, checkpoints, claim and lock) lives in run_folder.
 from .run_folder import (FolderInTheWay, OutputDirClaim, RunFolder, RunFolderCallback, checkpoint_ends_run, checkpoints,
-                         claim_output_dir, read_json, read_record, resolve_checkpoint, write_json)
-from .run_folder import checkpoint_problem, settings_differences  # noqa: F401  (imported from here by reproduce)
+                         claim_output_dir, read_record, resolve_checkpoint, write_json)
+from .timeline import TIMELINE, TimelineCallback, training_throughput
 
 PROG = "esam-hf train"
 # TrainingArguments that change what a run trains (compared before a run is reused or resumed);
@@ -139,31 +139,6 @@ def build_model_and_data(model_args: ModelArguments, data_args: DataArguments, s
     return spec, model, data
 
 
-def paper_sgd_options(args) -> dict[str, Any]:
-    """The authors' SGD: momentum 0.9 and `--weight_decay` unless `--optim_args` (momentum=X, nesterov=true,
-    dampening=X, weight_decay=X, read as transformers reads them for `--optim sgd`) says otherwise."""
-    from transformers import Trainer
-
-    _, options = Trainer.get_optimizer_cls_and_kwargs(args)
-    return {"momentum": 0.9, "weight_decay": args.weight_decay, **options}
-
-
-def paper_sgd(model: torch.nn.Module, args) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), **paper_sgd_options(args))
-
-
-# Not transformers' `--optim sgd` alone: `Trainer.create_optimizer` puts biases and norm weights in a group with
-# weight_decay 0 that `--optim_args weight_decay=` cannot reach (a group's own value wins), and the authors decay
-# every parameter.
-class PaperSGD(torch.optim.SGD):
-    """`paper_sgd` for a Trainer that builds the optimizer itself (under FSDP, which refuses a ready one, since
-    the parameters are replaced by their shards): the Trainer's groups exempt biases and norms from weight
-    decay, the authors decay every parameter."""
-
-    def __init__(self, params, weight_decay: float = 0.0, **kwargs):
-        super().__init__([{**g, "weight_decay": weight_decay} for g in params], weight_decay=weight_decay, **kwargs)
-
-
 def make_trainer(model_args: ModelArguments, data_args: DataArguments, training_args, trainer_cls=None, **trainer_kwargs):
     """An ESAMTrainer (or `trainer_cls`) wired to the model, data and top-1/top-5 metrics."""
     _, model, data = build_model_and_data(model_args, data_args, training_args.seed,
@@ -195,84 +170,6 @@ def image_trainer(model, data, training_args, trainer_cls=None, **trainer_kwargs
 def _fsdp(training_args) -> bool:
     """Whether the Trainer will shard with FSDP: asked in TrainingArguments or by `accelerate launch`'s config."""
     return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-# --------------------------------------------------------------------------- #
-# Training time without evaluation: a per-epoch timeline
-# --------------------------------------------------------------------------- #
-TIMELINE = "timeline.json"
-_EVAL_KEYS = ("eval_accuracy", "eval_top5_accuracy", "eval_loss")
-
-
-def _clock() -> float:
-    if torch.cuda.is_available():  # kernels run asynchronously: wait for them before reading the clock
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-class TimelineCallback(TrainerCallback):
-    """Writes `timeline.json`: per epoch the step, cumulative training seconds, mean train loss and
-    eval metrics. The clock runs from each epoch's start to its end, so evaluation and checkpoints
-    are not counted. On resume, entries after the checkpoint's step are dropped (that work is redone)
-    and the clock continues from the last entry kept."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_train_begin(self, args, state, control, train_dataloader=None, eval_dataloader=None, **kwargs):
-        saved = read_json(self.path, {}).get("epochs", [])
-        self.epochs = [e for e in saved if e["step"] <= state.global_step]  # state is the checkpoint's by now
-        self.seconds = self.epochs[-1]["train_seconds"] if self.epochs else 0.0
-        self.train_samples = len(train_dataloader.dataset) if train_dataloader is not None else None
-        self.last_logged = state.global_step
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.loss_sum, self.loss_steps = 0.0, 0
-        self.start = _clock()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.seconds += _clock() - self.start
-        self.epochs.append({"epoch": round(state.epoch, 4), "step": state.global_step, "train_seconds": self.seconds})
-        control.should_log = True  # a loss log at every epoch end, so no log spans two epochs
-        self._fill_loss(args, state)
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:  # the mean loss of the steps since the previous log
-            steps = state.global_step - self.last_logged
-            self.loss_sum, self.loss_steps = self.loss_sum + logs["loss"] * steps, self.loss_steps + steps
-            self.last_logged = state.global_step
-            self._fill_loss(args, state)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        entry = self.epochs[-1] if self.epochs else None
-        if entry and entry["step"] == state.global_step and "eval_accuracy" not in entry:
-            entry.update({k: v for k, v in (metrics or {}).items() if k in _EVAL_KEYS})
-            self._write(state)
-
-    def _fill_loss(self, args, state):
-        # The epoch's loss is complete once every step up to its end has been logged.
-        entry = self.epochs[-1] if self.epochs else None
-        if entry and entry["step"] == self.last_logged == state.global_step and self.loss_steps:
-            entry["train_loss"] = self.loss_sum / self.loss_steps
-        self._write(state)
-
-    def _write(self, state):
-        if state.is_world_process_zero:
-            write_json(self.path, {"train_samples": self.train_samples,
-                                   "epochs": self.epochs})
-
-
-def training_throughput(output_dir: str, metrics: dict | None = None) -> tuple[float | None, float | None]:
-    """(training seconds, images/s) of a run, evaluation and checkpoints excluded, from its timeline;
-    without one, the Trainer's own numbers (which include them)."""
-    timeline = read_json(os.path.join(output_dir, TIMELINE), {"epochs": []})
-    epochs = timeline["epochs"]
-    if epochs and timeline.get("train_samples") and epochs[-1]["train_seconds"] > 0:
-        seconds = epochs[-1]["train_seconds"]
-        return seconds, timeline["train_samples"] * epochs[-1]["epoch"] / seconds
-    metrics = metrics or {}
-    return metrics.get("train_runtime"), metrics.get("train_samples_per_second")
 
 
 # --------------------------------------------------------------------------- #
@@ -494,28 +391,6 @@ def _finish(trainer, folder: RunFolder, tracker: RunFolderCallback, metrics: dic
 # `esam-hf train`
 # --------------------------------------------------------------------------- #
 TRAIN_DEFAULTS = {"remove_unused_columns": False, "report_to": "none"}
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    """The value of `--name X` or `--name=X` in argv (the last one), or None."""
-    value = None
-    for i, token in enumerate(argv):
-        if token == f"--{name}" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif token.startswith(f"--{name}="):
-            value = token.split("=", 1)[1]
-    return value
-
-
-def default_recipe_for(argv: list[str], fallback: str) -> str:
-    """The recipe whose dataset and model the command line names (`--dataset cifar100 --model_name
-    cifar_wrn28_10` -> cifar100-wrn28-10), else `fallback`'s with the named dataset, else `fallback`."""
-    dataset, model = _option(argv, "dataset"), _option(argv, "model_name")
-    base = RECIPES[fallback]
-    for name, r in RECIPES.items():
-        if r.dataset == (dataset or base.dataset) and r.model == (model or base.model):
-            return name
-    return fallback
 
 
 def parse(argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str = PROG,

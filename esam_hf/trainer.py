@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .esam import BN_STATS_MODES, ESAM, GAMMA_SCHEDULES, SELECTIONS, check_esam_args, scheduled_gamma
-from .losses import infer_head, label_counts, model_head, output_loss, per_example_scores, unwrap_model
+from .losses import (infer_head, model_head, output_loss, per_example_scores, reduction_mismatch, unknown_loss_message,
+                     unwrap_model)
+from .nonfinite import NONFINITE_PATIENCE, NonFiniteGradientGuard, TrainingDiverged, weights_problem  # noqa: F401
+from .trainer_checkpoint import (ESAM_STATE_NAME, load_esam_state, naming_damaged_checkpoint, naming_full_disk,
+                                 save_esam_state)
 
-ESAM_STATE_NAME = "esam_state.pt"
 # Warn when the SDS rows' top-class share exceeds the batch's by this much (a random half: ~0.05).
 CONCENTRATION_WARNING = 0.25
 # ... and only while the logged loss stays above this share of the first logged loss (a stall), judged no
 # sooner than STALL_STEPS optimizer steps after that first logging step: on the README's plateau benchmark
-# (text_plateau.py) the runs that learn reach 0.82x their first loss within 64 steps.
+# (`benchmarks/accuracy.py plateau`) the runs that learn reach 0.82x their first loss within 64 steps.
 STALL_DROP = 0.9
 STALL_STEPS = 100
-# Stop as diverged after this many optimizer steps in a row with a non-finite gradient.
-NONFINITE_PATIENCE = 10
 logger = logging.get_logger(__name__)
 
 
 @dataclass
 class ESAMTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus ESAM's hyper-parameters: the paper's beta and gamma, rho 0.03 (SAM's 0.05
-    radius after SWP's 1/beta scaling) and a random SDS subset. The paper's ESAM is
-    `esam_rho=0.05, esam_selection="sharpness"`."""
+    radius after SWP's 1/beta scaling) and SDS on the ascent (the perturbation from a random half of the
+    batch, the descent on the whole batch). The paper's ESAM is `esam_rho=0.05, esam_selection="sharpness"`."""
 
     # 0.03 = SAM's customary 0.05 x beta: SWP scales the kept tensors' perturbation by 1/beta, so this
     # perturbs as far as SAM at 0.05 (the paper's ESAM uses 0.05: measured worse, README "Choosing a mode").
     esam_rho: float = field(default=0.03, metadata={"help": "Neighbourhood radius rho >= 0 (0 turns sharpness-awareness "
                                                             "off); the kept tensors move by rho / esam_beta."})
     esam_beta: float = field(default=0.6, metadata={"help": "SWP: probability in (0, 1] that a parameter tensor is perturbed (1 = off)."})
-    esam_gamma: float = field(default=0.5, metadata={"help": "SDS: fraction in (0, 1] of each batch used for the descent gradient (1 = off)."})
+    esam_gamma: float = field(default=0.5, metadata={"help": "SDS: fraction in (0, 1] of each batch used for the ascent "
+                                                              "(esam_selection 'ascent') or the descent gradient (1 = off)."})
     esam_adaptive: bool = field(default=False, metadata={"help": "ASAM-style scale-invariant perturbation."})
     esam_bn_stats: str = field(
         default="clean",
@@ -58,10 +57,11 @@ class ESAMTrainingArguments(TrainingArguments):
         default="linear", metadata={"help": "Shape of the gamma warm-up.", "choices": list(GAMMA_SCHEDULES)}
     )
     esam_selection: str = field(
-        # Not the paper's: on every benchmark measured, a random half trains at least as well as the sharpest
-        # half (which can stall near a loss plateau) and skips a forward pass (README, "Choosing a mode").
-        default="random",
-        metadata={"help": "SDS score: 'sharpness' l(w+e) - l(w) (the paper's), 'loss' l(w+e), 'random' "
+        # Not the paper's: a descent on half of each batch under-fits wherever the number of steps limits the fit
+        # (full-data runs); a perturbation aimed by half of it kept SAM's accuracy on both CPU benchmarks, at
+        # 4.3 forward-equivalents a step against SAM's 6 (README, "Choosing a mode").
+        default="ascent",
+        metadata={"help": "Which examples SDS keeps: 'sharpness' l(w+e) - l(w) (the paper's), 'loss' l(w+e), 'random' "
                           "(a uniform subset: unbiased, and skips the selection forward pass), 'balanced' "
                           "(the sharpest share of each class in the batch; needs integer class labels), "
                           "'clean_loss' (the largest losses at w: no selection forward pass), or 'ascent' (SDS on "
@@ -110,10 +110,6 @@ def check_training_args(args: TrainingArguments, allow_zero_epochs: bool = False
         raise ValueError(f"num_train_epochs must be a finite number > 0 (or set max_steps > 0), got {args.num_train_epochs!r}")
 
 
-class TrainingDiverged(RuntimeError):
-    """Training ended with non-finite weights, or stopped after non-finite gradients step after step."""
-
-
 _ESAM_DEFAULTS = {name: f.default for name, f in ESAMTrainingArguments.__dataclass_fields__.items() if name.startswith("esam_")}
 
 
@@ -122,6 +118,41 @@ def esam_config(args: TrainingArguments, prefix: bool = True) -> dict[str, Any]:
     plain `TrainingArguments` get the paper's defaults."""
     return {(name if prefix else name.removeprefix("esam_")): getattr(args, name, default)
             for name, default in _ESAM_DEFAULTS.items()}
+
+
+def check_trainer_setup(trainer: Trainer) -> None:
+    """Refuse, when the trainer is built, a setup ESAMTrainer cannot run (DeepSpeed, FSDP1, DataParallel, a
+    static DDP graph, reentrant gradient checkpointing) or would run wrongly (generation at evaluation without
+    Seq2SeqTrainer), or ESAM arguments out of range; each error says what to use instead."""
+    fsdp_version = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
+    if trainer.is_deepspeed_enabled or (trainer.is_fsdp_enabled and fsdp_version != 2) or trainer.args.n_gpu > 1:
+        raise ValueError(
+            "ESAMTrainer supports one device (CPU or GPU), multi-GPU DDP (`accelerate launch` or `torchrun`) and "
+            "FSDP2 (fsdp_config={'version': 2}, or fsdp_version: 2 in an accelerate config); DeepSpeed, FSDP1 "
+            "and single-process DataParallel are not supported: ESAM perturbs and restores the parameters "
+            "between two backward passes, which needs the gradient to reach them as torch tensors or FSDP2 "
+            "shards."
+        )
+    if getattr(trainer.args, "predict_with_generate", False) and not isinstance(trainer, Seq2SeqTrainer):
+        raise ValueError(
+            "predict_with_generate=True needs generation at evaluation, which only Seq2SeqTrainer does: use "
+            "esam_hf.ESAMSeq2SeqTrainer with ESAMSeq2SeqTrainingArguments (ESAMTrainer would evaluate without "
+            "generating)."
+        )
+    config = esam_config(trainer.args, prefix=False)
+    check_esam_args(**config, prefix="esam_")
+    if config["rho"] > 0 and trainer.args.ddp_static_graph:
+        raise ValueError(
+            "ddp_static_graph=True is not supported by ESAMTrainer at esam_rho > 0: the ascent pass runs "
+            "outside DDP's gradient synchronisation and SWP changes which weight gradients are computed "
+            "from step to step, so the graph is not static. Leave ddp_static_graph unset."
+        )
+    if trainer.args.gradient_checkpointing and (trainer.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        raise ValueError(
+            "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ESAMTrainer: its ascent "
+            "pass takes gradients with torch.autograd.grad, which reentrant checkpointing cannot do. Use "
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
+        )
 
 
 class ESAMTrainer(Trainer):
@@ -141,35 +172,7 @@ class ESAMTrainer(Trainer):
 
     def __init__(self, *args, per_example_loss_func: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
-        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and fsdp_version != 2) or self.args.n_gpu > 1:
-            raise ValueError(
-                "ESAMTrainer supports one device (CPU or GPU), multi-GPU DDP (`accelerate launch` or `torchrun`) and "
-                "FSDP2 (fsdp_config={'version': 2}, or fsdp_version: 2 in an accelerate config); DeepSpeed, FSDP1 "
-                "and single-process DataParallel are not supported: ESAM perturbs and restores the parameters "
-                "between two backward passes, which needs the gradient to reach them as torch tensors or FSDP2 "
-                "shards."
-            )
-        if getattr(self.args, "predict_with_generate", False) and not isinstance(self, Seq2SeqTrainer):
-            raise ValueError(
-                "predict_with_generate=True needs generation at evaluation, which only Seq2SeqTrainer does: use "
-                "esam_hf.ESAMSeq2SeqTrainer with ESAMSeq2SeqTrainingArguments (ESAMTrainer would evaluate without "
-                "generating)."
-            )
-        config = esam_config(self.args, prefix=False)
-        check_esam_args(**config, prefix="esam_")
-        if config["rho"] > 0 and self.args.ddp_static_graph:
-            raise ValueError(
-                "ddp_static_graph=True is not supported by ESAMTrainer at esam_rho > 0: the ascent pass runs "
-                "outside DDP's gradient synchronisation and SWP changes which weight gradients are computed "
-                "from step to step, so the graph is not static. Leave ddp_static_graph unset."
-            )
-        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise ValueError(
-                "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ESAMTrainer: its ascent "
-                "pass takes gradients with torch.autograd.grad, which reentrant checkpointing cannot do. Use "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
-            )
+        check_trainer_setup(self)
         self.per_example_loss_func = per_example_loss_func
         self.esam: ESAM | None = None
         # Which pass `compute_loss` is running: "clean" (at w), "perturbed" (at w + e, no grad, SDS
@@ -203,13 +206,7 @@ class ESAMTrainer(Trainer):
         guard.scaler = self.accelerator.scaler  # fp16 on a GPU: the GradScaler skips non-finite steps itself
         output = super().train(*args, **kwargs)
         guard.sync(self.state)
-        reason = guard.diverged
-        # Only trainable floating-point tensors can have changed (4-bit and fp8 weights are integer-coded or
-        # have no norm kernel, and frozen ones keep their values).
-        params = [p for p in self.model.parameters()
-                  if p.requires_grad and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
-        if reason is None and params and not _all_finite(params):
-            reason = "the weights are no longer finite (NaN or infinite) at the end of training"
+        reason = guard.diverged or weights_problem(self.model)
         if reason is not None:
             raise TrainingDiverged(f"training diverged: {reason}. Lower the learning rate or weight decay, or check "
                                    "the data; the weights of this run are not usable.")
@@ -227,9 +224,11 @@ class ESAMTrainer(Trainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         # Scores from step 0 (so a model SDS cannot rank fails before any update), and on the first step
-        # of any SDS run, random selection included: they show the loss is a mean over examples, which a
-        # descent on a subset of the batch needs to keep the objective.
-        with_scores = esam.needs_scores() or (esam.gamma < 1 and not self._scores_checked)
+        # of any descent on a subset, random selection included: they show the loss is a mean over examples,
+        # which a descent on a subset of the batch needs to keep the objective. An ascent on a subset needs
+        # neither: it only aims the perturbation (whose length is rho whatever the loss's scale), and the
+        # descent trains the whole batch's loss, so any loss keeps its objective (contrastive ones too).
+        with_scores = esam.needs_scores() or (esam.gamma < 1 and esam.selection != "ascent" and not self._scores_checked)
         # The Trainer's count of label tokens in this micro-batch, for normalising SDS subsets.
         count = self._label_count(inputs) if num_items_in_batch is not None else None
         self._warn_batch_of_one(inputs)
@@ -331,23 +330,13 @@ class ESAMTrainer(Trainer):
                 self._head = infer_head(outputs, inputs)
                 self._head_inferred = True
                 if self._head is None:
-                    raise ValueError(self._unknown_loss_message())
+                    raise ValueError(unknown_loss_message(self.model))
             config = getattr(unwrap_model(self.model), "config", None)
             scores = per_example_scores(self._head, outputs, inputs, config, self.args.label_smoothing_factor)
             if not self._scores_checked:
                 self._check_scores(scores, outputs, inputs, num_items_in_batch)
                 self._scores_checked = True
             return scores
-
-    def _unknown_loss_message(self, detail: str = "") -> str:
-        name = type(unwrap_model(self.model)).__name__
-        return (
-            f"ESAMTrainer cannot tell which loss {name} trains{detail}, so SDS (esam_gamma < 1) cannot be "
-            "shown to keep the objective: SDS descends on a subset of each batch, which is the same objective "
-            "only when the loss is a mean of per-example losses (not for contrastive or in-batch-negative "
-            "losses). esam_gamma=1 keeps the objective for any loss. If your loss is a mean over examples, pass "
-            "per_example_loss_func=(outputs, labels) -> Tensor[B] to ESAMTrainer (SDS then ranks by it)."
-        )
 
     def _check_scores(self, scores, outputs, inputs, num_items_in_batch) -> None:
         """First batch: do the per-example losses reduce to the loss the model returned? (One host read.)
@@ -358,24 +347,13 @@ class ESAMTrainer(Trainer):
         loss = output_loss(outputs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             if self._head_inferred and self.label_smoother is None:
-                raise ValueError(self._unknown_loss_message(" (its outputs hold no loss to check a guess against)"))
+                raise ValueError(unknown_loss_message(self.model, " (its outputs hold no loss to check a guess against)"))
             return  # the Trainer computes the loss itself (label smoothing) from the same logits
-        weights = label_counts(self._head, inputs)
-        total = scores.float().sum() if weights is None else (scores.float() * weights).sum()
-        count = scores.new_tensor(scores.numel(), dtype=torch.float) if weights is None else weights.sum()
-        candidates = [total / count.clamp_min(1)]
-        if num_items_in_batch is not None:
-            candidates.append(total / torch.as_tensor(num_items_in_batch, device=scores.device).float().clamp_min(1))
-        candidates = torch.stack(candidates)
-        got = loss.detach().float().reshape(()) / self._outputs_loss_scale
-        if bool(torch.isclose(candidates, got, rtol=1e-3, atol=1e-5).any()):
+        problem = reduction_mismatch(self._head, scores, loss, inputs, num_items_in_batch, self._outputs_loss_scale)
+        if problem is None:
             return
-        mean, *per_item = candidates.tolist()
-        over_items = f", or {per_item[0]:.6g} over the Trainer's num_items_in_batch" if per_item else ""
-        problem = (f" (the mean of its per-example {self._head} losses is {mean:.6g}{over_items}, but it returned "
-                   f"loss {float(got):.6g})")
         if self._head_inferred:
-            raise ValueError(self._unknown_loss_message(problem))
+            raise ValueError(unknown_loss_message(self.model, problem))
         logger.warning(f"SDS ranks {type(unwrap_model(self.model)).__name__}'s examples by their {self._head} losses, "
                        f"which do not reduce to the loss it returned{problem}: the model's loss adds other terms. "
                        "Ranking still uses the main loss; pass per_example_loss_func= to rank by something else.")
@@ -449,7 +427,7 @@ class ESAMTrainer(Trainer):
                 f"{STALL_DROP:.0%} of the first logged loss ({first:.4g}) {step - first_step} steps later. Sharpness "
                 "selection keeps the examples the perturbation hurts most, which near a loss plateau are the batch's "
                 "majority class, and training can stall there. Use esam_gamma_warmup (e.g. 0.3), "
-                "esam_selection='random', or a larger learning rate; see the README's 'When SDS stalls'."
+                "esam_selection='ascent' (the default), or a larger learning rate; see the README's 'When SDS stalls'."
             )
         return {"esam/sds_top_class_share": selected, "esam/batch_top_class_share": batch}
 
@@ -487,39 +465,28 @@ class ESAMTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        try:
+        with naming_full_disk(folder):
             super()._save_checkpoint(model, trial)
-        except Exception as e:  # torch (RuntimeError) and safetensors (SafetensorError) name neither disk nor file
-            from .data.errors import is_disk_full
-
-            if is_disk_full(e):
-                raise OSError(errno.ENOSPC, f"No space left on device while saving {folder} ({e}). Free space "
-                              "(or set save_total_limit), delete that incomplete checkpoint, and resume.") from e
-            raise
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            torch.save(self._get_esam().state_dict(), os.path.join(output_dir, ESAM_STATE_NAME))
+            save_esam_state(self._get_esam(), output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        with _naming_damaged_checkpoint(checkpoint, "optimizer and scheduler state"):
+        with naming_damaged_checkpoint(checkpoint, "optimizer and scheduler state"):
             super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, ESAM_STATE_NAME) if checkpoint else None
-        if path and os.path.isfile(path):
-            with _naming_damaged_checkpoint(path, "ESAM state"):
-                self._get_esam().load_state_dict(torch.load(path, weights_only=True))
-        elif path:
+        if checkpoint and not load_esam_state(self._get_esam, checkpoint):
             logger.warning(f"{checkpoint} has no {ESAM_STATE_NAME}: the SWP generator restarts from its seed, so the "
                            "resumed run repeats the perturbation draws of its first steps.")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        with _naming_damaged_checkpoint(resume_from_checkpoint, "model weights"):
+        with naming_damaged_checkpoint(resume_from_checkpoint, "model weights"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
-        with _naming_damaged_checkpoint(os.path.join(checkpoint, name) if checkpoint else None, "random-number state"):
+        with naming_damaged_checkpoint(os.path.join(checkpoint, name) if checkpoint else None, "random-number state"):
             super()._load_rng_state(checkpoint)
 
 
@@ -531,32 +498,6 @@ class ESAMSeq2SeqTrainingArguments(ESAMTrainingArguments, Seq2SeqTrainingArgumen
 class ESAMSeq2SeqTrainer(ESAMTrainer, Seq2SeqTrainer):
     """`Seq2SeqTrainer` (generation at evaluation and prediction) whose training step is ESAM's:
     a drop-in for `Seq2SeqTrainer` exactly as `ESAMTrainer` is for `Trainer`."""
-
-
-@contextlib.contextmanager
-def _naming_damaged_checkpoint(path: str | None, what: str):
-    """A truncated or corrupt checkpoint file fails deep in torch or safetensors with an error that
-    names no file: say which checkpoint, and what to do."""
-    try:
-        yield
-    except Exception as e:  # torch, safetensors and pickle each raise their own types
-        if path is None:
-            raise
-        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
-            # torch's message advises weights_only=False, which would run whatever the file holds; its middle
-            # paragraph says what was refused.
-            paragraphs = [part.strip() for part in str(e).split("\n\n") if part.strip()]
-            detail = f" ({paragraphs[1]})" if len(paragraphs) > 2 else ""
-            raise RuntimeError(
-                f"refusing to load the {what} from {path}: it holds Python objects other than tensors and plain "
-                f"values, which loading could run as code{detail}. Do not load it unless you made it yourself: "
-                "delete that checkpoint folder and resume from an earlier one, or start over."
-            ) from None
-        raise RuntimeError(
-            f"cannot load the {what} from {path}: {type(e).__name__}: {e}. If the checkpoint is damaged (e.g. a run "
-            "killed while saving), delete that checkpoint folder and resume from an earlier one, or start over."
-        ) from e
-
 
 
 def _mark_batch_dynamic(batch: dict[str, Any]) -> None:
@@ -571,122 +512,3 @@ def _mark_batch_dynamic(batch: dict[str, Any]) -> None:
     for value in batch.values() if isinstance(batch, dict) else ():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
             torch._dynamo.maybe_mark_dynamic(value, 0)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 (DTensor) tensor; any other tensor as it is."""
-    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
-
-
-def _sum_over_shards(value: torch.Tensor, params) -> torch.Tensor:
-    """`value` summed over the ranks sharing the parameters' FSDP2 mesh (unchanged when they are not sharded)."""
-    sharded = next((p for p in params if type(p).__name__ == "DTensor"), None)
-    if sharded is None:
-        return value
-    total = value.to(sharded.device_mesh.device_type, copy=True)  # CPU-offloaded shards: NCCL reduces on the GPU
-    torch.distributed.all_reduce(total, group=sharded.device_mesh.get_group())
-    return total.to(value.device)
-
-
-def _local_grads(params) -> list[torch.Tensor]:
-    """The gradients as plain tensors: FSDP2 shards local (no DTensor dispatch per op), sparse ones' values."""
-    return [_local(p.grad) if p.grad.layout == torch.strided else p.grad._values() for p in params]
-
-
-def _all_finite(params: list[torch.Tensor]) -> bool:
-    """Whether every weight is finite, on every rank's shard (one host read)."""
-    local = [_local(p).detach() for p in params]
-    bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local)))).sum().float()
-    return not bool(_sum_over_shards(bad, params))
-
-
-class NonFiniteGradientGuard(TrainerCallback):
-    """Keeps a non-finite gradient from reaching the weights, and stops training as diverged after
-    NONFINITE_PATIENCE optimizer steps in a row with one, without reading anything on the host
-    between logging steps.
-
-    The finite flag is the gradient norm the Trainer computes at every optimizer step (for clipping,
-    or for logging). When it is not finite, a fused torch optimizer (`fused=True`, e.g. the Trainer's
-    default `adamw_torch_fused`) is told so through its `found_inf` input, as a GradScaler tells it, and
-    skips the whole update in its kernel; with any other optimizer every gradient is set to 0, so its
-    step applies only momentum and weight decay. The counts stay on the device and are read (`sync`,
-    one host read) at the Trainer's logging steps and at the end of training, so a diverged run stops
-    at the first logging step after the tenth such step in a row. Under an fp16 GradScaler the scaler
-    itself skips those steps, and the guard stands down.
-    """
-
-    def reset(self):
-        self.skipped, self.in_a_row, self.diverged = 0, 0, None
-        self._counts: torch.Tensor | None = None  # device: [skipped, current run, longest run since last sync]
-        self.grad_norm: torch.Tensor | float | None = None  # set by the trainer before each optimizer step
-        self._told: Any = None  # the optimizer given found_inf for this step
-        self._fused_ready: Any = None  # the fused optimizer known to skip safely
-
-    def __init__(self):
-        self.scaler = None
-        self.reset()
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None or self.scaler is not None:
-            return
-        params = [p for p in model.parameters() if p.grad is not None]
-        if not params:
-            return
-        norm = self.grad_norm
-        if not isinstance(norm, torch.Tensor):  # a Trainer that did not compute it: one pass over the gradients
-            norm = torch.stack(torch._foreach_norm(_local_grads(params))).norm()
-            # Under FSDP2 each rank holds a shard: every rank must take the same decision.
-            norm = _sum_over_shards(norm, params)
-        if type(norm).__name__ == "DTensor":  # a norm left as partial sums over the shards
-            norm = norm.full_tensor()
-        bad = torch.logical_not(norm.detach().to(_local(params[0].grad).device) < math.inf)  # NaN < inf is False
-        bad_count = bad.float()
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-        if self._skips_on_device(inner, params):
-            inner.found_inf = bad_count
-            self._told = inner
-        else:
-            # No foreach op zeroes NaN (NaN * 0 is NaN): one masked_fill_ per tensor, queued without a sync.
-            for g in _local_grads(params):
-                g.masked_fill_(bad, 0)
-        if self._counts is None:
-            self._counts = bad_count.new_zeros(3)
-        skipped, run, longest = self._counts.unbind()
-        skipped.add_(bad_count)
-        run.add_(1).mul_(bad_count)
-        torch.maximum(longest, run, out=longest)
-        self.grad_norm = None
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._told is not None:
-            del self._told.found_inf
-            self._told = None
-
-    def _skips_on_device(self, optimizer, params) -> bool:
-        """Whether `optimizer` takes `found_inf` and can skip this step with it. torch's fused optimizers read
-        it (`_step_supports_amp_scaling`, the flag GradScaler checks); fused SGD with momentum leaves the
-        momentum buffer uninitialised when it skips its very first step, so that one waits for its buffers."""
-        if self._fused_ready is optimizer:
-            return True
-        if not getattr(optimizer, "_step_supports_amp_scaling", False) or type(params[0]).__name__ == "DTensor":
-            return False
-        for group in optimizer.param_groups:
-            if group.get("momentum") and any("momentum_buffer" not in optimizer.state.get(p, {})
-                                             for p in group["params"] if p.grad is not None):
-                return False
-        self._fused_ready = optimizer
-        return True
-
-    def sync(self, state=None, control=None) -> None:
-        """Read the device counts (one host sync): call at logging steps and at the end of training."""
-        if self._counts is None:
-            return
-        skipped, run, longest = (int(v) for v in self._counts.tolist())
-        self.skipped += skipped
-        self.in_a_row = run
-        self._counts.copy_(self._counts.new_tensor([0, run, run]))
-        if longest >= NONFINITE_PATIENCE and self.diverged is None:
-            step = f" (by step {state.global_step})" if state is not None else ""
-            self.diverged = f"the gradient was not finite in {longest} optimizer steps in a row{step}"
-            if control is not None:
-                control.should_training_stop = True

@@ -1,7 +1,6 @@
 """Tests for esam_hf.landscape, each checked against an independent reference
 (analytic quadratics, a dense autograd Hessian, direct loss evaluations)."""
 
-import importlib.util
 import json
 import pathlib
 import types
@@ -11,15 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from esam_hf import landscape as L
-except ImportError:
-    # The package __init__ imports sibling modules that may not exist yet;
-    # load this module straight from its file (it only depends on torch).
-    _path = pathlib.Path(__file__).resolve().parents[1] / "esam_hf" / "landscape.py"
-    _spec = importlib.util.spec_from_file_location("esam_hf_landscape_standalone", _path)
-    L = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(L)
+from esam_hf import landscape as L
+from esam_hf.landscape import command, figures
 
 
 # --------------------------------------------------------------------------- #
@@ -308,14 +300,14 @@ def _is_png(path):
 @pytest.fixture
 def saved_figures(monkeypatch):
     """The matplotlib figures the plot functions save, for checking what they show."""
-    figures, save = [], L._save
+    saved, save = [], figures._save
 
     def keep(fig, path):
-        figures.append(fig)
+        saved.append(fig)
         return save(fig, path)
 
-    monkeypatch.setattr(L, "_save", keep)
-    return figures
+    monkeypatch.setattr(figures, "_save", keep)
+    return saved
 
 
 def _texts(fig):
@@ -450,8 +442,8 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the options were checked")
 
-    monkeypatch.setattr(L, "load_model", refuse)
-    monkeypatch.setattr(L, "landscape_report", refuse)
+    monkeypatch.setattr(command, "load_model", refuse)
+    monkeypatch.setattr(command, "landscape_report", refuse)
 
 
 @pytest.mark.parametrize(
