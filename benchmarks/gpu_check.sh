@@ -8,9 +8,9 @@
 #   bash benchmarks/gpu_check.sh --short DATA_DIR    # call 2, about 4 minutes (BUDGET 240):
 #     1. `esam-hf bench` at ResNet-18 batch 512 bf16 and the GPU-bound WRN-28-10 batch 128 bf16 (where SWP's
 #        and SDS's FLOP savings should show) for the recommended mode, SAM, SGD and the paper's ESAM;
-#     2. `benchmarks/profile_step.py`: three profiled bare steps per method and the GPU's busy fraction;
-#     3. `benchmarks/profile_train.py`: 20 profiled steps inside a real `esam-hf train` (the whole Trainer path);
-#     4. `benchmarks/fsdp_check.py`: ESAMTrainer under the Trainer's FSDP2 against one process without it;
+#     2. `benchmarks/step_speed.py bare`: three profiled bare steps per method and the GPU's busy fraction;
+#     3. `benchmarks/run_speed.py profile`: 20 profiled steps inside a real `esam-hf train` (the whole Trainer path);
+#     4. `benchmarks/gpu_check_fsdp.py`: ESAMTrainer under the Trainer's FSDP2 against one process without it;
 #     5. with what is left: the same `esam-hf train` profile under --torch_compile (what compiling costs and saves).
 # Everything is written under $OUT (env.json: device, versions, date; one log and JSON per part; summary.md),
 # and summary.md is printed at the end.
@@ -96,11 +96,11 @@ echo "# gpu_check $(date +%F) on $(python3 -c 'import json,sys; print(json.load(
 
 if [ "$SHORT" = 1 ]; then
   part bench $(( $(left) * 35 / 100 )) esam-hf bench "${BENCH[@]}" --dataset "$DATA" --output_dir "$OUT/bench"
-  part profile $(( $(left) * 20 / 100 )) python3 benchmarks/profile_step.py "${PROFILE[@]}" --json "$OUT/profile.json"
-  part train_profile $(( $(left) * 30 / 100 )) python3 benchmarks/profile_train.py --out "$OUT/train_profile" "${TRACE[@]}" \
+  part profile $(( $(left) * 20 / 100 )) python3 benchmarks/step_speed.py bare "${PROFILE[@]}" --json "$OUT/profile.json"
+  part train_profile $(( $(left) * 30 / 100 )) python3 benchmarks/run_speed.py profile --out "$OUT/train_profile" "${TRACE[@]}" \
     -- "${TRAIN[@]}" --dataset "$DATA" --output_dir "$OUT/train_profile/run"
-  part fsdp2 60 python3 benchmarks/fsdp_check.py --out "$OUT/fsdp2" $([ "$DRY" = 1 ] && echo --dry-run)
-  part compiled_profile $(( $(left) - 10 )) python3 benchmarks/profile_train.py --out "$OUT/compiled_profile" \
+  part fsdp2 60 python3 benchmarks/gpu_check_fsdp.py --out "$OUT/fsdp2" $([ "$DRY" = 1 ] && echo --dry-run)
+  part compiled_profile $(( $(left) - 10 )) python3 benchmarks/run_speed.py profile --out "$OUT/compiled_profile" \
     "${TRACE[@]}" -- "${TRAIN[@]}" --torch_compile true --dataset "$DATA" --output_dir "$OUT/compiled_profile/run"
   rm -rf "$OUT/train_profile/run" "$OUT/compiled_profile/run"  # model weights: not results
   { echo; echo "## bench"; cat "$OUT/bench/throughput.md" 2>/dev/null || echo "(none)"

@@ -1,6 +1,7 @@
 """Rewrite a `reproduce` folder's results.md, results.json and plots with today's code, from the runs'
 saved records alone (esam_run.json, timeline.json, all_results.json in each <method>-seed<seed>/), for
-folders whose runs cannot be re-run here (e.g. GPU runs copied back without checkpoints).
+folders whose runs cannot be re-run here (e.g. GPU runs copied back without checkpoints). A tool, not a
+measurement: it regenerates result tables and figures from saved records and trains nothing.
 
     python benchmarks/rewrite_results.py FOLDER [--eval_samples N]
     python benchmarks/rewrite_results.py FOLDER --figures_only

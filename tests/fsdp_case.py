@@ -56,7 +56,7 @@ def trainer_case(output_dir: str, mode: str, fsdp: bool, world: int = WORLD, **e
     """(model, args, data) of an ESAMTrainer run on a tiny ViT: under FSDP2 on `world` ranks with `per_device`
     examples each (fsdp=True), or in one process on the same global batches (fsdp=False). SDS is off
     (gamma 1): it selects within each rank's batch, which one process cannot replay; SWP is on. `extra`
-    overrides training arguments (benchmarks/fsdp_check.py runs the case on a GPU)."""
+    overrides training arguments (benchmarks/gpu_check_fsdp.py runs the case on a GPU)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     from helpers import make_args, make_data

@@ -43,7 +43,7 @@ def test_gpu_check_refuses_a_missing_data_directory(tmp_path):
 
 def test_fsdp_throughput_runs(tmp_path):
     """The FSDP2-against-DDP throughput benchmark runs end to end (tiny: 1 timed step, 1 repeat)."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_throughput.py"), "--out", str(tmp_path),
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "fsdp", "--out", str(tmp_path),
                            "--steps", "1", "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "fsdp_throughput.json").read_text())
@@ -56,13 +56,14 @@ def test_cpu_study_check_runs_both_benchmarks_and_states_each_ordering(tmp_path,
     """The accuracy regression check end to end at tiny sizes (its verdict at these sizes means nothing)."""
     out = tmp_path / "check.jsonl"
     env = {**os.environ, "ESAM_HF_TEST_DATA": str(cifar_dir.parent)}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_study.py"), "--check", "--check_quick",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "study", "--check",
+                           "--check_quick", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode in (0, 1), done.stdout[-2000:] + done.stderr[-2000:]
     runs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted((r["benchmark"], r["method"]) for r in runs) == sorted(
-        [("overfit", m) for m in ("sam", "sgd", "ascent")] + [("data_rich", m) for m in ("sam", "sgd", "ascent", "random")])
+    assert sorted((r["benchmark"], r["method"], r["seed"]) for r in runs) == sorted(
+        [("overfit", m, seed) for m in ("sam", "sgd", "ascent") for seed in (0, 1)]
+        + [("data_rich", m, seed) for m in ("sam", "sgd", "ascent", "random") for seed in (0, 1)])
     assert {r["data"] for r in runs} == {"subset", "cifar10-jpeg"}
     for bench in ("overfit", "data_rich"):
-        assert f"{bench}: " in done.stdout and "x SAM's process time" in done.stdout
+        assert f"{bench}, mean of seeds 0,1: " in done.stdout and "x SAM's process time" in done.stdout
     assert ("ordering holds" in done.stdout) == (done.returncode == 0)

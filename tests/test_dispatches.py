@@ -1,7 +1,7 @@
 """Host cost per optimizer step, counted in operator dispatches (what a host-bound GPU step waits on).
 
-Counts come from benchmarks/dispatches.py (a TorchDispatchMode over whole optimizer steps of the Trainer and
-of the bare core loop). The bounds are ratios between paths measured side by side, so they hold across torch
+Counts come from `benchmarks/step_speed.py dispatches` (a TorchDispatchMode over whole optimizer steps of the
+Trainer and of the bare core loop). The bounds are ratios between paths measured side by side, so they hold across torch
 versions: the ESAM layer must add almost nothing to the Trainer's own step, and the default mode must cost
 the host no more than SAM.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import dispatches  # noqa: E402
+import step_speed as dispatches  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ path: fully_shard, DTensor shards, reduce-scatter); on a CPU (--dry-run, for the
 processes, with FSDP switched on by hand (accelerate enables it only on accelerator devices). The case is
 the test suite's (tests/fsdp_case.py: a tiny ViT, SWP on, SDS off so one process can replay the global
 batch). Writes JSON with the largest weight difference and both runs' seconds; exit 1 if they disagree.
+`benchmarks/gpu_check.sh --short` runs it as its FSDP2 part.
 
-    python benchmarks/fsdp_check.py --out OUT_DIR [--dry-run]
+    python benchmarks/gpu_check_fsdp.py --out OUT_DIR [--dry-run]
 """
 
 import argparse
