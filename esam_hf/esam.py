@@ -353,7 +353,7 @@ class ESAM:
                 if self.selection == "ascent":
                     pass  # the descent takes the whole batch
                 elif k < batch_size and self.selection == "random":
-                    index = torch.randperm(batch_size, device=loss.device)[:k]
+                    index = self._random_rows(batch_size, k, loss)
                 elif k < batch_size and self.selection == "clean_loss":
                     index = self._selection_score(clean_scores, clean_scores, batch_size).topk(k, sorted=False).indices
                 elif k < batch_size:

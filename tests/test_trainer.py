@@ -138,8 +138,8 @@ def test_model_without_logits_gets_a_clear_error(tmp_path):
             logits = self.head(self.body(pixel_values))
             return {"loss": F.cross_entropy(logits, labels), "features": logits}
 
-    with pytest.raises(ValueError, match="per_example_loss_func"):
-        train(SeqESAMTrainer, NoLogits(), make_args(tmp_path, max_steps=1), make_data(16))
+    with pytest.raises(ValueError, match="per_example_loss_func"):  # a descent on a subset must know the loss
+        train(SeqESAMTrainer, NoLogits(), make_args(tmp_path, max_steps=1, esam_selection="random"), make_data(16))
 
 
 def test_bf16_autocast_trains(tmp_path):
@@ -218,9 +218,9 @@ def test_plain_training_arguments_get_esam_training_arguments_defaults(tmp_path)
     trainer = ESAMTrainer(model=TinyConvNet(), args=args, train_dataset=make_data(16))
     esam = trainer._get_esam()
     assert (esam.rho, esam.beta, esam.gamma, esam.adaptive, esam.bn_stats, esam.selection) == (
-        0.03, 0.6, 0.5, False, "clean", "random")
+        0.03, 0.6, 0.5, False, "clean", "ascent")
     ours = ESAMTrainingArguments(output_dir=str(tmp_path))
-    assert (ours.esam_rho, ours.esam_beta, ours.esam_gamma, ours.esam_selection) == (0.03, 0.6, 0.5, "random")
+    assert (ours.esam_rho, ours.esam_beta, ours.esam_gamma, ours.esam_selection) == (0.03, 0.6, 0.5, "ascent")
 
 
 @pytest.mark.parametrize("flag", ["deepspeed", "fsdp", "data_parallel"])
@@ -253,7 +253,8 @@ def test_gamma_warmup_schedule_gives_the_documented_k(tmp_path, schedule, expect
     sizes = []
     model = TinyConvNet()
     model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
-    args = make_args(tmp_path, max_steps=8, esam_gamma=0.5, esam_gamma_warmup=0.5, esam_gamma_schedule=schedule)
+    args = make_args(tmp_path, max_steps=8, esam_gamma=0.5, esam_gamma_warmup=0.5, esam_gamma_schedule=schedule,
+                     esam_selection="sharpness")
     train(SeqESAMTrainer, model, args, make_data(128))
     descent_sizes = []
     i = 0
@@ -620,7 +621,7 @@ def test_a_guessed_head_whose_scores_do_not_reduce_to_the_models_loss_is_refused
     before = params_of(model)
     with pytest.raises(ValueError, match=r"cannot tell which loss PlainNet trains \(the mean of its per-example "
                                          r"classification losses is .* but it returned loss .*esam_gamma=1 keeps"):
-        train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=1), make_data(16))
+        train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=1, esam_selection="sharpness"), make_data(16))
     assert all(torch.equal(v, before[k]) for k, v in params_of(model).items())
     # Random selection needs no scores to rank, but the subset still changes such a loss: refused too.
     with pytest.raises(ValueError, match="esam_gamma=1 keeps the objective"):
@@ -628,6 +629,35 @@ def test_a_guessed_head_whose_scores_do_not_reduce_to_the_models_loss_is_refused
               make_data(16))
     # gamma = 1 keeps any objective: it trains.
     train(SeqESAMTrainer, PlainNet(loss="contrastive"), make_args(tmp_path, max_steps=1, esam_gamma=1.0), make_data(16))
+
+
+def test_an_ascent_on_a_subset_trains_any_loss_with_the_whole_batchs_objective(tmp_path):
+    """selection "ascent" on a loss that is not a mean over examples (in-batch contrastive): no refusal, and the
+    descent is the whole batch's own loss at w + e, e aimed by the subset's loss (hand-written, same rows)."""
+    from esam_hf import ESAM
+
+    data = make_data(16)
+    model = PlainNet(loss="contrastive")
+    before = params_of(model)
+    trainer = train(SeqESAMTrainer, model, make_args(tmp_path, max_steps=1, esam_rho=0.1, esam_beta=1.0,
+                                                     esam_selection="ascent"), data)
+    rows = trainer.esam.last_selection.clone()
+    ref = PlainNet(loss="contrastive")
+    ref.load_state_dict(before)
+    x, y = next(batches(data, 16))
+    params = list(ref.parameters())
+    grads = torch.autograd.grad(ref(x[rows], y[rows])["loss"], params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(0.1 * g / (norm + 1e-12))
+    ref(x, y)["loss"].backward()
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(0.1 * g / (norm + 1e-12))
+    opt = sgd(ref)
+    opt.step()
+    assert_same_params(model, ref)
 
 
 def test_frozen_integer_and_float8_weights_do_not_break_the_end_of_training(tmp_path):

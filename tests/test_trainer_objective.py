@@ -472,4 +472,4 @@ def test_question_answering_with_accumulation_trains_as_hand_written_sam(tmp_pat
     assert_same_params(model, reference)
     # SDS cannot show this loss is a mean of per-example losses it can compute: refused before any update.
     with pytest.raises(ValueError, match="esam_gamma=1 keeps the objective"):
-        run_trainer(qa, tmp_path / "sds", esam_rho=0.1)
+        run_trainer(qa, tmp_path / "sds", esam_rho=0.1, esam_selection="random")
