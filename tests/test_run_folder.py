@@ -338,3 +338,16 @@ def test_an_unreadable_lock_says_so_and_names_the_file(tmp_path, content):
     message = str(error.value)
     assert f"its lock file {out / LOCK_NAME} cannot be read" in message and "delete" in message
     assert "process 0" not in message and "None" not in message
+
+
+def test_a_command_that_fails_before_writing_anything_leaves_no_folder_behind(tmp_path, capsys):
+    """A data mistake surfaces only once the folder is claimed: the folders the claim made go with the lock; a
+    folder that was there before stays."""
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "new" / "nested" / "run", tmp_path / "mine" / "run"):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["train", "--output_dir", str(out), *TINY, "--dataset", str(tmp_path / "no-such-data"),
+                      "--max_steps", "1"])
+        assert exit_.value.code == 2 and "no-such-data" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "run").exists()
