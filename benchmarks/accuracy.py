@@ -12,7 +12,6 @@ Subcommands (`python benchmarks/accuracy.py COMMAND --help` for each one's optio
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import TrainerCallback
+
+from subcommands import run_subcommand  # benchmarks/ is on sys.path when a script runs
 
 
 # --- study: accuracy per unit of compute on CPU, two regimes ------------------------------------------------------
@@ -532,16 +533,7 @@ COMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {}
-    for name, (run, add_arguments, summary) in COMMANDS.items():
-        parsers[name] = commands.add_parser(name, help=summary, description=inspect.cleandoc(run.__doc__),
-                                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(parsers[name])
-    args = parser.parse_args(argv)
-    name = vars(args).pop("command")
-    return COMMANDS[name][0](args, parsers[name])
+    return run_subcommand(__doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Whole-epoch throughput, methods interleaved through the Trainer and its data pip
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
+
+from subcommands import run_subcommand  # benchmarks/ is on sys.path when a script runs
 
 
 # --- profile: torch.profiler over steps of a real esam-hf train ----------------------------------------------------
@@ -232,16 +233,7 @@ COMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {}
-    for name, (run, add_arguments, summary) in COMMANDS.items():
-        parsers[name] = commands.add_parser(name, help=summary, description=inspect.cleandoc(run.__doc__),
-                                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(parsers[name])
-    args = parser.parse_args(argv)
-    name = vars(args).pop("command")
-    return COMMANDS[name][0](args, parsers[name])
+    return run_subcommand(__doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from subcommands import run_subcommand  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -550,8 +551,8 @@ def compile_cost(a, parser) -> None:
                     run["max_weight_diff"] = max(float((weights[k] - v).abs().max()) for k, v in eager.items())
                 runs.append(run)
                 print(json.dumps(run), flush=True)
-    lines = [f"| method | variant | ms/step | /eager | first step s | compile overhead s | graphs | max weight diff "
-             f"from eager |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | variant | ms/step | /eager | first step s | compile overhead s | graphs | max weight diff "
+             "from eager |", "|---|---|---|---|---|---|---|---|"]
     for method in COMPILE_METHODS:
         def median(key, variant):
             return statistics.median(r[key] for r in runs if r["method"] == method and r["variant"] == variant)
@@ -678,16 +679,7 @@ COMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parsers = {}
-    for name, (run, add_arguments, summary) in COMMANDS.items():
-        parsers[name] = commands.add_parser(name, help=summary, description=inspect.cleandoc(run.__doc__),
-                                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(parsers[name])
-    args = parser.parse_args(argv)
-    name = vars(args).pop("command")
-    return COMMANDS[name][0](args, parsers[name])
+    return run_subcommand(__doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -634,8 +634,6 @@ def test_a_guessed_head_whose_scores_do_not_reduce_to_the_models_loss_is_refused
 def test_an_ascent_on_a_subset_trains_any_loss_with_the_whole_batchs_objective(tmp_path):
     """selection "ascent" on a loss that is not a mean over examples (in-batch contrastive): no refusal, and the
     descent is the whole batch's own loss at w + e, e aimed by the subset's loss (hand-written, same rows)."""
-    from esam_hf import ESAM
-
     data = make_data(16)
     model = PlainNet(loss="contrastive")
     before = params_of(model)
