@@ -620,6 +620,9 @@ def fsdp_worker(kind: str, out: str, steps: int, repeats: int) -> None:
                 raise RuntimeError(f"asked for {kind}, but the parameters are {'' if sharded else 'not '}sharded")
     if int(os.environ.get("RANK", "0")) == 0:
         json.dump({"rates": rates, "world": world, "batch_per_rank": batch}, open(f"{out}/{kind}.json", "w"))
+    if torch.distributed.is_initialized():  # a rank that exits while its peer still talks to it aborts (gloo)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def fsdp_throughput(opts, parser) -> int:

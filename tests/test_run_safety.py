@@ -79,8 +79,10 @@ def test_a_claimed_folder_is_refused_to_a_second_run_and_a_dead_runs_lock_is_tak
     with pytest.raises(ValueError, match="in use by another run"):
         claim_output_dir(out, {}, resume=None, overwrite=False)
     claim.release()
+    assert not Path(out).exists()  # the claim made the folder and nothing was written: it goes with the claim
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    Path(out).mkdir()
     Path(out, LOCK_NAME).write_text(f"{socket.gethostname()} {dead.pid}\n")  # left by a killed run
     claim_output_dir(out, {}, resume=None, overwrite=False).release()
 
