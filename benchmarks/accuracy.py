@@ -271,11 +271,12 @@ def check(args) -> bool:
              for seed in CHECK_SEEDS]
     cost = {"sam": 6, "esam": 5, "random": 4.1, RECOMMENDED: 4.3, "sgd": 3}
     specs.sort(key=lambda s: -cost.get(s[0], 6) * s[3].epochs * s[3].n_train)
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        results = pool.map(_check_one, specs, chunksize=1)
-    with open(args.out, "a") as f:
-        for r in results:
+    results = []
+    with multiprocessing.get_context("spawn").Pool(2) as pool, open(args.out, "a") as f:
+        for r in pool.imap_unordered(_check_one, specs, chunksize=1):  # each run kept as it ends
+            results.append(r)
             f.write(json.dumps(r) + "\n")
+            f.flush()
     holds = True
     for bench in CHECKS:
         mine = [r for r in results if r["benchmark"] == bench]

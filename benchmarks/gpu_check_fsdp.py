@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # one case for the tests and this check
 def worker(kind: str, out: str, world: int) -> None:
     import torch
 
-    from fsdp_case import enable_fsdp_on_cpu, trainer_case
+    from fsdp_case import enable_fsdp_on_cpu, leave_process_group, trainer_case
     from helpers import SeqESAMTrainer
 
     cuda = torch.cuda.is_available()
@@ -42,9 +42,7 @@ def worker(kind: str, out: str, world: int) -> None:
         torch.save({"state": state, "seconds": seconds, "parameter_type": type(next(iter(params.values()))).__name__,
                     "device": str(next(iter(params.values())).device), "world": trainer.args.world_size},
                    f"{out}/{kind}.pt")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def main() -> int:

@@ -588,7 +588,7 @@ def fsdp_worker(kind: str, out: str, steps: int, repeats: int) -> None:
 
     from esam_hf import ESAMTrainer, ESAMTrainingArguments
     from esam_hf.benchmark import _StepTimer
-    from fsdp_case import enable_fsdp_on_cpu
+    from fsdp_case import enable_fsdp_on_cpu, leave_process_group
     from helpers import make_data
 
     cuda = torch.cuda.is_available()
@@ -619,10 +619,9 @@ def fsdp_worker(kind: str, out: str, steps: int, repeats: int) -> None:
             if sharded != (kind == "fsdp"):  # a run labelled by what it did, not by what it was asked
                 raise RuntimeError(f"asked for {kind}, but the parameters are {'' if sharded else 'not '}sharded")
     if int(os.environ.get("RANK", "0")) == 0:
-        json.dump({"rates": rates, "world": world, "batch_per_rank": batch}, open(f"{out}/{kind}.json", "w"))
-    if torch.distributed.is_initialized():  # a rank that exits while its peer still talks to it aborts (gloo)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        with open(f"{out}/{kind}.json", "w") as f:
+            json.dump({"rates": rates, "world": world, "batch_per_rank": batch}, f)
+    leave_process_group()
 
 
 def fsdp_throughput(opts, parser) -> int:

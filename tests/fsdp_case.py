@@ -1,6 +1,9 @@
 """The model, data and settings shared by tests/fsdp_worker.py (two sharded processes) and
 tests/test_fsdp.py (the single-process reference)."""
 
+import os
+import sys
+
 import torch
 from torch import nn
 
@@ -79,3 +82,17 @@ def trainer_case(output_dir: str, mode: str, fsdp: bool, world: int = WORLD, **e
     if "nan" in mode:  # one image of the second global batch: its gradient is NaN on every rank after the reduce
         data[20] = {**data[20], "pixel_values": torch.full_like(data[20]["pixel_values"], float("nan"))}
     return model, make_args(output_dir, **{**overrides, **extra}), data
+
+
+def leave_process_group() -> None:
+    """End a torchrun worker: every rank leaves the process group together, then the process exits without
+    the interpreter's teardown. There gloo's worker threads can still hold tensors whose release needs the
+    GIL, and a rank aborts ("terminate called without an active exception"): seen under load on CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fsdp_case import leave_process_group
 
 out_dir, mode = sys.argv[1], sys.argv[2]
 
@@ -89,6 +90,4 @@ def cli():
 result = trainer() if mode.startswith("trainer") else cli() if mode == "cli" else core()
 result["world_size"] = dist.get_world_size()
 torch.save(result, f"{out_dir}/rank{dist.get_rank()}.pt")
-# Shut the process group down before exit (left to interpreter teardown, gloo can abort a rank).
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()
