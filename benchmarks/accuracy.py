@@ -87,6 +87,15 @@ def load_data(data: str, n_train: int, noise: float, n_test: int | None = None, 
     return x_train, y_train, x_test, y_test
 
 
+def cpu_model() -> str:
+    """The processor's name: the same seed gives other numbers on another CPU (its kernels round differently)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def train_once(args) -> dict:
     import timm
 
@@ -157,7 +166,7 @@ def train_once(args) -> dict:
         "batch": args.batch, "lr": args.lr, "wd": args.wd, "threads": args.threads,
         "test_acc": None if diverged else 100.0 * correct / len(x_test), "n_test": len(x_test),
         "train_loss": train_loss, "train_process_s": round(train_s, 2), "train_wall_s": round(wall_s, 2),
-        "steps": step, "torch": torch.__version__, "machine": platform.node(),
+        "steps": step, "torch": torch.__version__, "machine": platform.node(), "cpu": cpu_model(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -242,10 +251,11 @@ CHECKS = {
     "data_rich": (("sam", 0.05), ("sgd", 0.0), (RECOMMENDED, 0.03), ("random", 0.03)),
 }
 # Points, on the means over CHECK_SEEDS, from the seed spread of each benchmark (3 seeds: see NOTES.md).
-# overfit: SAM must beat SGD by the margin and the recommended mode may trail SAM by at most 1.5x it.
+# overfit: the recommended mode may trail SAM by at most the margin. SAM against SGD is printed, not checked:
+# it was +4.1 points on one CPU and +1.0 on another (3 seeds each), within the seeds' spread on the second.
 # data_rich: the recommended mode may trail SAM by at most the margin, and the old default must still trail
-# it by more.
-CHECK_MARGIN = {"overfit": 2.0, "data_rich": 1.5}
+# it by more (the under-fitting this benchmark exists to show).
+CHECK_MARGIN = {"overfit": 3.0, "data_rich": 1.5}
 CHECK_SEEDS = (0, 1)
 
 
@@ -291,22 +301,21 @@ def check(args) -> bool:
         order = " > ".join(f"{m} {acc[m]:.2f}" for m in sorted(acc, key=acc.get, reverse=True))
         speed = mean("sam", "train_process_s") / mean(RECOMMENDED, "train_process_s")
         if bench == "overfit":
-            conditions = {f"SAM > SGD + {margin}": acc["sam"] > acc["sgd"] + margin,
-                          f"{RECOMMENDED} >= SAM - {1.5 * margin}": acc[RECOMMENDED] >= acc["sam"] - 1.5 * margin}
+            conditions = {f"{RECOMMENDED} >= SAM - {margin}": acc[RECOMMENDED] >= acc["sam"] - margin}
         else:
             conditions = {f"{RECOMMENDED} >= SAM - {margin}": acc[RECOMMENDED] >= acc["sam"] - margin,
                           f"random < SAM - {margin}": acc["random"] < acc["sam"] - margin}
         print(f"{bench}, mean of seeds {','.join(map(str, CHECK_SEEDS))}: {order}  ({RECOMMENDED} at {speed:.2f}x "
               "SAM's process time)")
-        print("  " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in conditions.items()))
+        print("  " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in conditions.items())
+              + f"  (SAM - SGD: {acc['sam'] - acc['sgd']:+.2f} points, not checked)")
         holds &= all(conditions.values())
     print("ordering holds" if holds else "ORDERING BROKEN")
     return holds
 
 
 # The two regimes (each option still overrides its preset). overfit: 1,000 images seen 40 times without
-# augmentation, train loss near 0, where SAM's gain over SGD is large and what a step descends on hardly
-# matters. data_rich: 10,000 images of the complete CIFAR-10 seen 4 times with augmentation, where the
+# augmentation, train loss near 0, where what a step descends on hardly matters. data_rich: 10,000 images of the complete CIFAR-10 seen 4 times with augmentation, where the
 # number of examples descended on limits the fit, as in a full-data GPU run of 30 epochs.
 BENCHMARKS = {
     "overfit": dict(data="subset", n_train=1000, aug=False, epochs=40, rho=0.2),
@@ -320,7 +329,8 @@ def study(args, parser) -> None:
     A plain PyTorch loop around `esam_hf.ESAM` (no Trainer), one thread per run so two runs share a
     2-core machine without disturbing each other's process time. Two benchmarks (`--benchmark`):
     - overfit: 1,000 images of the CIFAR-10 subset bundled with the package, 40 epochs, no augmentation.
-      The training loss ends near 0; SAM beats SGD clearly, and what each step descends on hardly matters.
+      The training loss ends near 0 and what each step descends on hardly matters; SAM's gain over SGD
+  depends on the CPU (+4.1 points on a Xeon, +1.0 on an AMD EPYC, 3 seeds each: within the seeds' spread).
     - data_rich: 10,000 images drawn from the complete CIFAR-10 (a local copy: --data), 4 epochs, random crop
       and flip, tested on all 10,000 test images. The number of steps, not the data, limits the fit, as in a
       30-epoch run on all 50,000 images: a descent on half of each batch under-fits here.
