@@ -187,7 +187,7 @@ def test_zero_epochs_stay_a_usage_error_on_the_command_line(tmp_path, capsys):
 # --------------------------------------------------------------------------- #
 # torch_compile
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("selection, graphs", [("random", 1), ("sharpness", 2)])  # + the no-grad selection pass
+@pytest.mark.parametrize("selection, graphs", [("ascent", 1), ("random", 1), ("sharpness", 2)])  # + the no-grad selection pass
 def test_compiled_sds_subsets_reuse_the_batch_graph_with_the_eager_results(tmp_path, selection, graphs):
     from torch._dynamo.utils import counters
 
