@@ -369,7 +369,8 @@ class ESAM:
         finally:
             self._restore(kept, backup)
         # Rise of the objective from w to w + e; without a selection pass (random, clean_loss) estimated
-        # from the subset's loss at w + e against the batch's at w (biased upwards under clean_loss).
+        # from the subset's loss at w + e against the batch's at w (biased upwards under clean_loss), under
+        # "ascent" from the batch's loss at w + e against the ascent rows' at w (unbiased for a mean loss).
         rise = descent.detach() - loss if rise is None else rise
         self._record(norm if scale is None else norm / scale, keep, rise, len(kept) / len(params))
         self.last_selection = ascent_index if self.selection == "ascent" else index
